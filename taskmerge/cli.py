@@ -1,0 +1,125 @@
+"""The ``taskmerge`` command line.
+
+* ``taskmerge merge [CONFIG.yaml] [flags]`` — merge checkpoints; flags override the file's keys.
+* ``taskmerge methods`` — list the registered methods, their papers and options.
+
+Bad input exits with code 2 and a one-line ``error:`` message naming the file, tensor or option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from taskmerge.config import MergeConfig, load_config
+from taskmerge.errors import TaskmergeError
+from taskmerge.merge import merge_checkpoints
+from taskmerge.registry import list_methods
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("taskmerge")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``taskmerge`` command."""
+    parser = argparse.ArgumentParser(prog="taskmerge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge fine-tuned checkpoints into one model")
+    m.add_argument("config", nargs="?", help="YAML configuration file (flags override its keys)")
+    m.add_argument("--base", help="pretrained model: file or Hugging Face folder")
+    m.add_argument("--models", nargs="+", help="fine-tuned models (files or folders)")
+    m.add_argument("--method", help="merging method (see `taskmerge methods`)")
+    m.add_argument("--option", "-o", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="a method option; VALUE is parsed as YAML (repeatable)")
+    m.add_argument("--lambda", dest="lam", type=float, help="scaling coefficient λ (method default if omitted)")
+    m.add_argument("--output", help="output folder, or a .safetensors file")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: base's)")
+    m.add_argument("--compute-dtype", choices=["float32", "float64"], help="dtype of the task-vector algebra")
+    m.add_argument("--device", help="cpu or cuda")
+    m.add_argument("--seed", type=int, help="seed for stochastic methods")
+    m.add_argument("--include", nargs="+", help="regexes: merge only matching tensors")
+    m.add_argument("--exclude", nargs="+", help="regexes: keep matching tensors at the base value")
+    m.add_argument("--matrix-exclude", nargs="+", help="regexes: 2-D tensors to treat as non-matrix")
+    m.add_argument("--max-shard-size", help="shard size limit, e.g. 5GB")
+    m.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    lm = sub.add_parser("methods", help="list merging methods and their options")
+    lm.add_argument("name", nargs="?", help="show one method in detail")
+    return parser
+
+
+def _merge(args: argparse.Namespace) -> int:
+    data: dict[str, Any] = load_config(args.config) if args.config else {}
+    flags = {
+        "base": args.base, "models": args.models, "method": args.method, "lambda": args.lam,
+        "output": args.output, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
+        "device": args.device, "seed": args.seed, "include": args.include, "exclude": args.exclude,
+        "matrix_exclude": args.matrix_exclude, "max_shard_size": args.max_shard_size,
+        "overwrite": args.overwrite,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.option:
+        data["options"] = {**(data.get("options") or {}), **dict(args.option)}
+    cfg = MergeConfig.from_mapping(data, args.config or "command line")
+    out = merge_checkpoints(
+        cfg.base, cfg.models, cfg.output, cfg.method, cfg.options, lam=cfg.lam, policy=cfg.policy(),
+        compute_dtype=cfg.compute_dtype, output_dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
+        overwrite=cfg.overwrite, max_shard_bytes=cfg.max_shard_size, progress=not args.no_progress,
+    )
+    print(f"merged {len(cfg.models)} models with {cfg.method} into {out}")
+    return 0
+
+
+def _describe_options(spec_options: type) -> list[str]:
+    lines = []
+    for name, field in spec_options.model_fields.items():
+        default = "required" if field.is_required() else repr(field.default)
+        desc = f" — {field.description}" if field.description else ""
+        lines.append(f"    {name}: {getattr(field.annotation, '__name__', field.annotation)} = {default}{desc}")
+    return lines
+
+
+def _methods(args: argparse.Namespace) -> int:
+    specs = list_methods()
+    if args.name:
+        specs = [s for s in specs if s.name == args.name]
+        if not specs:
+            raise TaskmergeError(f"unknown method {args.name!r}; run `taskmerge methods` for the list")
+    for spec in specs:
+        kind = "data-free" if spec.data_free else "data-based"
+        print(f"{spec.name}  [{kind}, default λ={spec.default_lambda}]  {spec.summary}")
+        print(f"    paper: {spec.paper}")
+        print("\n".join(_describe_options(spec.options)) or "    (no options)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``taskmerge`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"merge": _merge, "methods": _methods}
+    try:
+        return handlers[args.command](args)
+    except TaskmergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
