@@ -1,0 +1,150 @@
+"""Merge speed and peak memory on CLIP ViT-B/32 shapes, side by side with FusionBench.
+
+Every (implementation, method) pair runs in a fresh spawned process that builds the same seeded
+task vectors, merges them once and reports wall time and peak RSS (``ru_maxrss``) above the RSS it
+had once its inputs existed. When FusionBench (``pip install fusion-bench==0.2.33``) is importable,
+its TSV-M, Iso-C and Iso-CTS run on the same tensors in the same script run; the speed ratio and the
+largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` are printed.
+
+    python benchmarks/merge_speed.py                 # 8 tasks, 12 layers, every data-free method
+    python benchmarks/merge_speed.py --layers 2 --methods tsv_m iso_c --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vit_shapes import task_vectors  # noqa: E402
+
+FUSIONBENCH_METHODS = ("tsv_m", "iso_c", "iso_cts")
+EXTRA_OPTIONS = {"mda_ta": {"num_classes": [10] * 8}}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    from taskmerge.merge import merged_task_vector
+    from taskmerge.selection import TensorPolicy
+
+    zeros = {k: torch.zeros_like(v) for k, v in tvs[0].items()}
+    options = dict(EXTRA_OPTIONS.get(method, {}))
+    if "num_classes" in options:
+        options["num_classes"] = options["num_classes"][: len(tvs)]
+    # FusionBench treats every 2-D tensor as a matrix: do the same so the outputs are comparable.
+    policy = TensorPolicy(exclude=(), matrix_exclude=())
+    return merged_task_vector(zeros, tvs, method, options, policy=policy)
+
+
+def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if method == "tsv_m":
+        from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+
+        return compute_and_sum_svd_mem_reduction(tvs, exclude_keys=[], accelerator="cpu")
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+
+    if method == "iso_c":
+        return iso_c(tvs, accelerator="cpu", exclude_keys=[])
+    return iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu", exclude_keys=[])
+
+
+def _child(impl: str, method: str, n_tasks: int, layers: int, seed: int, save: str | None, queue: mp.Queue) -> None:
+    import contextlib
+    import io
+
+    torch.set_num_threads(torch.get_num_threads())
+    tvs = task_vectors(n_tasks, layers, seed)
+    rss0 = _rss_mb()
+    run = _run_ours if impl == "taskmerge" else _run_fusionbench
+    with contextlib.redirect_stdout(io.StringIO()):  # FusionBench prints a line per tensor
+        start = time.perf_counter()
+        merged = run(method, tvs)
+        elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if save:
+        torch.save({k: v.float() for k, v in merged.items()}, save)
+    queue.put({"impl": impl, "method": method, "seconds": elapsed, "peak_rss_mb": peak, "peak_over_inputs_mb": peak - rss0})
+
+
+def _measure(impl: str, method: str, args: argparse.Namespace, save: str | None) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(impl, method, args.tasks, args.layers, args.seed, save, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for k, ref in b.items():
+        denom = ref.double().norm().item()
+        if denom > 0:
+            worst = max(worst, (a[k].double() - ref.double()).norm().item() / denom)
+    return worst
+
+
+def main() -> None:
+    from taskmerge.registry import list_methods
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=[s.name for s in list_methods() if s.data_free])
+    parser.add_argument("--no-fusionbench", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    have_fb = not args.no_fusionbench and importlib.util.find_spec("fusion_bench") is not None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            compare = have_fb and method in FUSIONBENCH_METHODS
+            ours_path = f"{tmp}/ours-{method}.pt" if compare else None
+            row = {"method": method, "ours": _measure("taskmerge", method, args, ours_path)}
+            if compare:
+                fb_path = f"{tmp}/fb-{method}.pt"
+                row["fusionbench"] = _measure("fusionbench", method, args, fb_path)
+                row["speedup"] = row["fusionbench"]["seconds"] / row["ours"]["seconds"]
+                row["max_rel_diff"] = _max_rel_diff(torch.load(ours_path), torch.load(fb_path))
+            rows.append(row)
+            print(f"  {method}: {row['ours']['seconds']:.2f} s", file=sys.stderr)
+    report = {
+        "benchmark": "merge_speed", "tasks": args.tasks, "layers": args.layers,
+        "machine": {"platform": platform.platform(), "cpus": mp.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "fusionbench": have_fb, "results": rows,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(f"\n| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speedup | max rel diff |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fb = r.get("fusionbench")
+        print(f"| {r['method']} | {r['ours']['seconds']:.2f} | {r['ours']['peak_rss_mb']:.0f} | "
+              + (f"{fb['seconds']:.2f} | {fb['peak_rss_mb']:.0f} | {r['speedup']:.1f}x | {r['max_rel_diff']:.1e} |"
+                 if fb else "– | – | – | – |"))
+
+
+if __name__ == "__main__":
+    main()
