@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lm = sub.add_parser("methods", help="list merging methods and their options")
     lm.add_argument("name", nargs="?", help="show one method in detail")
+    lm.add_argument("--markdown", action="store_true", help="print the README's method table")
     return parser
 
 
@@ -95,7 +97,19 @@ def _describe_options(spec_options: type) -> list[str]:
     return lines
 
 
+def _markdown_table() -> str:
+    rows = ["| method | paper | data | default λ | options |", "|---|---|---|---|---|"]
+    for spec in list_methods():
+        opts = ", ".join(f"`{k}`" for k in spec.options.model_fields) or "–"
+        data = "data-free" if spec.data_free else "needs data"
+        rows.append(f"| `{spec.name}` | {textwrap.shorten(spec.paper, 70, placeholder=' …')} | {data} | {spec.default_lambda} | {opts} |")
+    return "\n".join(rows)
+
+
 def _methods(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(_markdown_table())
+        return 0
     specs = list_methods()
     if args.name:
         specs = [s for s in specs if s.name == args.name]

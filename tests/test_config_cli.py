@@ -83,3 +83,11 @@ def test_parse_size() -> None:
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("1.5MiB") == int(1.5 * 2**20)
     assert parse_size(123) == 123
+
+
+def test_readme_method_table_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert main(["methods", "--markdown"]) == 0
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        name = line.split("|")[1].strip()
+        assert f"| {name} |" in readme, f"README's method table lacks {name}"
