@@ -18,6 +18,8 @@ __all__ = [
     "svd",
     "truncated_svd",
     "lowrank_svd",
+    "LowRank",
+    "hstack_lowrank_svd",
     "polar",
     "project",
     "project_out",
@@ -26,11 +28,14 @@ __all__ = [
 
 # Below this ratio k / min(m, n) the truncated SVD goes through the Gram matrix instead of a full SVD.
 _GRAM_RATIO = 0.5
-# The Gram route squares the condition number; singular values below this fraction of the largest
-# are recomputed by a full SVD (the accuracy check of ``truncated_svd``).
-_GRAM_RELATIVE_FLOOR = 1e-4
-# The Gram route of ``polar`` is used while λ_min(AᵀA) / λ_max(AᵀA) stays above this.
-_POLAR_CONDITION_FLOOR = 1e-10
+# The Gram route squares the condition number. It runs in the input's precision while the k-th kept
+# singular value stays above this fraction of the largest (float32: relative error of the kept
+# triplets ~1e-5 at the floor, ~1e-6 typically), else in float64 above the float64 floor (~1e-8
+# relative error), else a full SVD is taken: the accuracy check of ``truncated_svd``.
+_GRAM_RELATIVE_FLOOR = {torch.float32: 1e-2, torch.float64: 1e-6}
+# The Gram route of ``polar`` is used while λ_min(AᵀA) / λ_max(AᵀA) stays above this
+# (float32: cond(A) < 30, error ~1e-6; float64: cond(A) < 1e5, error ~1e-8).
+_POLAR_CONDITION_FLOOR = {torch.float32: 1e-3, torch.float64: 1e-10}
 
 
 class SVD(NamedTuple):
@@ -52,6 +57,9 @@ def svd(matrix: torch.Tensor) -> SVD:
     """Thin SVD of a 2-D tensor (``full_matrices=False``)."""
     if matrix.ndim != 2:
         raise ValueError(f"svd expects a 2-D tensor, got shape {tuple(matrix.shape)}")
+    if matrix.shape[0] < matrix.shape[1]:  # LAPACK is markedly faster on the tall orientation
+        U, S, Vh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return SVD(Vh.T, S, U.T)
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     return SVD(U, S, Vh)
 
@@ -59,12 +67,11 @@ def svd(matrix: torch.Tensor) -> SVD:
 def truncated_svd(matrix: torch.Tensor, k: int) -> SVD:
     """Exact top-``k`` singular triplets of ``matrix``.
 
-    When ``k`` is small relative to ``min(m, n)`` the triplets come from the symmetric eigenproblem of
-    the smaller Gram matrix (``A Aᵀ`` or ``Aᵀ A``) solved in float64, which is several times cheaper than
-    a full SVD. The Gram route loses accuracy for singular values far below the largest one, so it
-    checks that the k-th kept value is above ``1e-4 · σ₁`` (float64 then leaves ~1e-8 relative error in
-    the kept triplets) and otherwise falls back to the full SVD. The result equals the first ``k``
-    triplets of :func:`svd` up to the sign of each singular pair.
+    When ``k`` is at most half of ``min(m, n)`` the triplets come from the symmetric eigenproblem of
+    the smaller Gram matrix (``AᵀA`` or ``AAᵀ``), several times cheaper than a full SVD: first in the
+    input's precision, then in float64 when the kept spectrum spans too many orders of magnitude for
+    that precision, then by a full SVD (see ``_GRAM_RELATIVE_FLOOR``). The result equals the first
+    ``k`` triplets of :func:`svd` up to the sign of each singular pair.
     """
     if matrix.ndim != 2:
         raise ValueError(f"truncated_svd expects a 2-D tensor, got shape {tuple(matrix.shape)}")
@@ -75,27 +82,31 @@ def truncated_svd(matrix: torch.Tensor, k: int) -> SVD:
     k = min(k, r)
     if k == 0:
         return SVD(matrix.new_zeros(m, 0), matrix.new_zeros(0), matrix.new_zeros(0, n))
-    if k > _GRAM_RATIO * r:
-        full = svd(matrix)
-        return SVD(full.U[:, :k], full.S[:k], full.Vh[:k])
-    a = matrix.double()
-    tall = m >= n
+    if k <= _GRAM_RATIO * r:
+        for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
+            floor = _GRAM_RELATIVE_FLOOR.get(dtype)
+            if floor is None:
+                continue
+            result = _gram_top_k(matrix.to(dtype), k, floor)
+            if result is not None:
+                return SVD(*(t.to(matrix.dtype) for t in result))
+    full = svd(matrix)
+    return SVD(full.U[:, :k], full.S[:k], full.Vh[:k])
+
+
+def _gram_top_k(a: torch.Tensor, k: int, floor: float) -> SVD | None:
+    """Top-``k`` triplets from the Gram matrix's eigenpairs, or ``None`` below the accuracy floor."""
+    tall = a.shape[0] >= a.shape[1]
     gram = a.T @ a if tall else a @ a.T
     evals, evecs = torch.linalg.eigh(gram)  # ascending
-    evals = evals.flip(0)[:k].clamp_min(0.0)
-    evecs = evecs.flip(1)[:, :k]
-    s = evals.sqrt()
-    if s[0] == 0 or s[-1] < _GRAM_RELATIVE_FLOOR * s[0]:
-        full = svd(matrix)
-        return SVD(full.U[:, :k], full.S[:k], full.Vh[:k])
+    top = evals[-k:].flip(0)
+    if top[0] <= 0 or top[-1] < (floor**2) * top[0]:
+        return None
+    s = top.sqrt()
+    vecs = evecs[:, -k:].flip(1)
     if tall:
-        v = evecs
-        u = (a @ v) / s
-    else:
-        u = evecs
-        v = (a.T @ u) / s
-    dtype = matrix.dtype
-    return SVD(u.to(dtype), s.to(dtype), v.T.contiguous().to(dtype))
+        return SVD((a @ vecs) / s, s, vecs.T.contiguous())
+    return SVD(vecs, s, ((a.T @ vecs) / s).T.contiguous())
 
 
 def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> SVD:
@@ -114,6 +125,80 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> SVD:
     return SVD(qb @ core.U[:, :k], core.S[:k], (qa @ core.Vh[:k].T).T.contiguous())
 
 
+class LowRank(NamedTuple):
+    """A low-rank matrix ``scale · B @ A`` kept in factored form (a LoRA update ``ΔW``).
+
+    ``B`` is (m, r) and ``A`` is (r, n); ``r = 0`` is the zero matrix (a module an adapter leaves alone).
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        """The inner dimension ``r`` (an upper bound on the rank)."""
+        return int(self.B.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)``, the shape of the dense matrix."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense matrix ``(B @ A) · scale`` (in ``dtype``, default the factors' dtype)."""
+        b = self.B if dtype is None else self.B.to(dtype)
+        a = self.A if dtype is None else self.A.to(dtype)
+        return (b @ a) * self.scale
+
+
+def hstack_lowrank_svd(parts: list[LowRank] | tuple[LowRank, ...], dtype: torch.dtype | None = None) -> SVD:
+    """Thin SVD of the concatenation ``[M_1 | M_2 | … | M_T]`` (m × Σ n_t) of low-rank ``M_t = s_t B_t A_t``.
+
+    Never forms the concatenation. With the stacked left factors ``[s_1 B_1 … s_T B_T] = Q_b R_b`` and
+    the per-part QR ``A_tᵀ = Q_t R_t``, the concatenation is
+    ``Q_b · (R_b · blockdiag(R_1ᵀ … R_Tᵀ)) · blockdiag(Q_1ᵀ … Q_Tᵀ)``; only the core (at most R × R,
+    ``R = Σ r_t``) is decomposed. Returns ``U`` (m, K), ``S`` (K,) and ``Vh`` (K, Σ n_t) with
+    ``K = min(m, R, Σ min(n_t, r_t))``; trailing singular values may be (numerically) zero.
+    Computed in ``dtype`` (default: the first part's ``B`` dtype).
+    """
+    if not parts:
+        raise ValueError("hstack_lowrank_svd needs at least one part")
+    m = parts[0].shape[0]
+    dtype = dtype or parts[0].B.dtype
+    device = parts[0].B.device
+    widths = [p.shape[1] for p in parts]
+    bs, qas, ras_t = [], [], []
+    for p in parts:
+        if p.shape[0] != m or p.A.shape[0] != p.B.shape[1]:
+            raise ValueError(f"hstack_lowrank_svd: part of shape B {tuple(p.B.shape)}, A {tuple(p.A.shape)} "
+                             f"does not fit m = {m}")
+        b = p.B.to(device=device, dtype=dtype) * p.scale
+        a = p.A.to(device=device, dtype=dtype)
+        if p.rank == 0:
+            qa, ra = a.new_zeros(a.shape[1], 0), a.new_zeros(0, 0)
+        else:
+            qa, ra = torch.linalg.qr(a.T)  # (n_t, q_t), (q_t, r_t)
+        bs.append(b)
+        qas.append(qa)
+        ras_t.append(ra.T)  # (r_t, q_t)
+    total = sum(widths)
+    big_r = sum(b.shape[1] for b in bs)
+    q_total = sum(q.shape[1] for q in qas)
+    if big_r == 0 or q_total == 0:
+        empty = torch.zeros(0, dtype=dtype, device=device)
+        return SVD(empty.new_zeros(m, 0), empty, empty.new_zeros(0, total))
+    qb, rb = torch.linalg.qr(torch.cat(bs, dim=1))  # (m, p), (p, R)
+    core = rb @ torch.block_diag(*ras_t)  # (p, Q)
+    cu, cs, cvh = torch.linalg.svd(core, full_matrices=False)
+    blocks, start = [], 0
+    for qa in qas:
+        q = qa.shape[1]
+        blocks.append(cvh[:, start:start + q] @ qa.T)  # (K, n_t)
+        start += q
+    return SVD(qb @ cu, cs, torch.cat(blocks, dim=1))
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ``.
 
@@ -121,21 +206,27 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     orthogonal Procrustes solution). Column order is kept: for a matrix whose columns are already
     orthonormal the result is the matrix itself.
 
-    For a tall ``A`` (m ≥ n) of full column rank, ``P Qᵀ = A (AᵀA)^{-1/2}``; the inverse square root
-    comes from the eigendecomposition of the n×n Gram matrix in float64, several times cheaper than
-    an SVD. If ``A`` is ill-conditioned (``λ_min(AᵀA) < 1e-10 λ_max``, i.e. cond(A) > 1e5) the
-    float64 route would lose accuracy and the SVD route is used instead.
+    For a tall ``A`` (m ≥ n) of full column rank, ``P Qᵀ = A (AᵀA)^{-1/2}``, with the inverse square
+    root from the eigendecomposition of the n×n Gram matrix, several times cheaper than an SVD. The
+    Gram route runs in the input's precision while ``λ_min(AᵀA) / λ_max(AᵀA)`` stays above
+    ``_POLAR_CONDITION_FLOOR`` for it, then in float64, and an ill-conditioned ``A`` goes through the
+    SVD.
     """
     if matrix.ndim != 2:
         raise ValueError(f"polar expects a 2-D tensor, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
     if m < n:
         return polar(matrix.T).T
-    a = matrix.double()
-    evals, evecs = torch.linalg.eigh(a.T @ a)
-    if n > 0 and evals[0] > _POLAR_CONDITION_FLOOR * evals[-1] > 0:
-        inv_sqrt = (evecs * evals.rsqrt()) @ evecs.T
-        return (a @ inv_sqrt).to(matrix.dtype)
+    if n == 0:
+        return matrix.clone()
+    for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
+        floor = _POLAR_CONDITION_FLOOR.get(dtype)
+        if floor is None:
+            continue
+        a = matrix.to(dtype)
+        evals, evecs = torch.linalg.eigh(a.T @ a)
+        if evals[0] > floor * evals[-1] > 0:
+            return (a @ ((evecs * evals.rsqrt()) @ evecs.T)).to(matrix.dtype)
     dec = svd(matrix)
     return dec.U @ dec.Vh
 

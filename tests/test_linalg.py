@@ -92,3 +92,28 @@ def test_projections() -> None:
 def test_svd_rejects_non_matrices() -> None:
     with pytest.raises(ValueError, match="2-D"):
         linalg.svd(torch.zeros(3))
+
+
+@pytest.mark.parametrize("cond", [2.0, 1e2, 1e4])
+def test_polar_float32_accuracy_across_conditioning(cond: float) -> None:
+    # A = Q diag(s) Wᵀ with known factors: the polar factor is Q Wᵀ exactly.
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(60, 20)))
+    w, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    s = np.geomspace(1.0, 1.0 / cond, 20)
+    a = torch.from_numpy((q * s) @ w.T).float()
+    np.testing.assert_allclose(linalg.polar(a).double().numpy(), q @ w.T, atol=2e-5)
+
+
+@pytest.mark.parametrize("decay", [0.5, 1e-1, 1e-3, 1e-6])
+def test_truncated_svd_float32_steep_spectra(decay: float) -> None:
+    # known singular values spanning `decay`: every route must return them to float32 accuracy
+    rng = np.random.default_rng(2)
+    u, _ = np.linalg.qr(rng.normal(size=(80, 40)))
+    v, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    s = np.geomspace(1.0, decay, 40)
+    a = torch.from_numpy((u * s) @ v.T).float()
+    res = linalg.truncated_svd(a, 10)
+    np.testing.assert_allclose(res.S.double().numpy(), s[:10], rtol=1e-4, atol=1e-6)
+    best = (u[:, :10] * s[:10]) @ v[:, :10].T
+    np.testing.assert_allclose(res.reconstruct().double().numpy(), best, atol=1e-5)
