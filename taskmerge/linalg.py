@@ -199,7 +199,7 @@ def hstack_lowrank_svd(parts: list[LowRank] | tuple[LowRank, ...], dtype: torch.
     return SVD(qb @ cu, cs, torch.cat(blocks, dim=1))
 
 
-def polar(matrix: torch.Tensor) -> torch.Tensor:
+def polar(matrix: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     """Orthogonal polar factor ``P Qᵀ`` of ``matrix = P Σ Qᵀ``.
 
     The closest matrix with orthonormal columns (rows, if wide) to ``matrix`` in Frobenius norm (the
@@ -209,14 +209,18 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     For a tall ``A`` (m ≥ n) of full column rank, ``P Qᵀ = A (AᵀA)^{-1/2}``, with the inverse square
     root from the eigendecomposition of the n×n Gram matrix, several times cheaper than an SVD. The
     Gram route runs in the input's precision while ``λ_min(AᵀA) / λ_max(AᵀA)`` stays above
-    ``_POLAR_CONDITION_FLOOR`` for it, then in float64, and an ill-conditioned ``A`` goes through the
-    SVD.
+    ``_POLAR_CONDITION_FLOOR`` for it, then in float64; an ill-conditioned ``A`` goes through the SVD.
+
+    A rank-deficient ``A`` has no unique polar factor (any completion of ``P`` on the null space is
+    one). Singular values at most ``rtol·σ_max`` (default ``max(m, n)·eps`` of the dtype) are treated
+    as zero and their pairs dropped, giving the partial isometry ``P₊ Q₊ᵀ``: deterministic, and equal
+    to the polar factor whenever ``A`` has full rank. A zero matrix gives zeros.
     """
     if matrix.ndim != 2:
         raise ValueError(f"polar expects a 2-D tensor, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
     if m < n:
-        return polar(matrix.T).T
+        return polar(matrix.T, rtol).T
     if n == 0:
         return matrix.clone()
     for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
@@ -228,7 +232,10 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
         if evals[0] > floor * evals[-1] > 0:
             return (a @ ((evecs * evals.rsqrt()) @ evecs.T)).to(matrix.dtype)
     dec = svd(matrix)
-    return dec.U @ dec.Vh
+    if rtol is None:
+        rtol = max(m, n) * torch.finfo(matrix.dtype).eps
+    keep = dec.S > rtol * dec.S[0]
+    return dec.U[:, keep] @ dec.Vh[keep]
 
 
 def project(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

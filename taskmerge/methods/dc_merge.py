@@ -70,7 +70,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from taskmerge.errors import OptionError
-from taskmerge.linalg import svd, truncated_svd
+from taskmerge.linalg import polar, svd, truncated_svd
 from taskmerge.methods.ties import ties_merge
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
@@ -246,22 +246,12 @@ def smooth_spectrum(
 def cover_basis(stack: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal polar factor of ``stack`` (d×k, k ≤ d) and its overlap ``basisᵀ stack``.
 
-    With the thin SVD ``stack = P S Qᵀ``, the basis is ``P₊ Q₊ᵀ`` over the singular values above
-    ``rtol·s_max`` (``rtol`` default ``max(d, k)·eps``): exactly :func:`taskmerge.linalg.polar` (``P Qᵀ``,
-    column order kept) when ``stack`` has full column rank, the partial isometry otherwise. The overlap
-    ``basisᵀ stack = Q₊ S₊ Q₊ᵀ`` (k×k, symmetric PSD) comes from the same SVD.
+    The basis is :func:`taskmerge.linalg.polar` of ``stack`` (``P Qᵀ``, column order kept; over the
+    singular values above ``rtol·s_max`` only, i.e. the partial isometry ``P₊ Q₊ᵀ``, when ``stack``
+    is rank-deficient). The overlap ``basisᵀ stack = Q₊ S₊ Q₊ᵀ`` is k×k, symmetric PSD.
     """
-    d, k = stack.shape
-    dec = svd(stack)
-    if rtol is None:
-        rtol = max(d, k) * torch.finfo(stack.dtype).eps
-    s = dec.S
-    smax = s.max() if s.numel() else s.new_zeros(())
-    keep = (s > rtol * smax) & (s > 0)
-    qh = dec.Vh * keep.unsqueeze(-1).to(s.dtype)  # rows of dropped singular values zeroed
-    basis = dec.U @ qh
-    overlap = (qh.T * s) @ qh
-    return basis, overlap
+    basis = polar(stack, rtol)
+    return basis, basis.T @ stack
 
 
 def block_diagonal_mask(k: int, block: int, *, device=None, dtype=torch.float32) -> torch.Tensor:

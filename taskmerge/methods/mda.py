@@ -1,0 +1,214 @@
+"""MDA-TA: Merging with Directional Alignment, data-free part (Chen et al., arXiv 2512.00391, Alg. 1, Eq. 3).
+
+Per 2-D weight matrix with task updates ``Δ_1..Δ_T`` (``m × n``, PyTorch ``nn.Linear`` layout:
+``m = out_features`` rows, ``n = in_features`` columns):
+
+1. thin SVD of every ``Δ_t``; keep its top ``k`` triplets (default ``k = ⌊min(m, n)/T⌋``, the TSV-M rule,
+   equal to the paper's ``d_out/T`` on square layers; Table 14's ``k = ρ·d_out`` via ``k_fraction``);
+2. concatenate the kept bases ``U_cat = [U_1^k … U_T^k]``, ``V_cat = [V_1^k … V_T^k]`` and whiten them with
+   their polar factors (the "two SVDs of the concatenated U_cat and V_cat" of the paper's complexity
+   analysis, B.4.3): ``τ_share = polar(U_cat) diag(σ_cat) polar(V_cat)ᵀ``;
+3. project onto the simplex-ETF direction matrix ``P_ETF = W_ETFᵀ W_ETF`` (:mod:`taskmerge.etf`) of
+   ``C = Σ_t C_t`` classes: ``τ_etf = τ_share P_ETF`` (default side) — the merged update before λ.
+
+Ambiguities and how they are resolved (MDA specs, flags A1, A4, A5, A13):
+
+* **What τ_share is (A1, the central one).** The paper defines ``τ_share := U_share[:, :d_out]``, a bare
+  orthonormal basis with no singular values and no right side. Default (``shared="tsv"``): τ_share is
+  the TSV-M merged update of step 2, i.e. MDA-TA = TSV-M followed by the ETF projection. Alternative
+  ``shared="basis"``: the literal reading, ``U_share`` (left singular vectors of ``U_cat``) truncated or
+  zero-padded to ``n`` columns — kept for the record; it is not a weight update and should fail.
+* **Which side P_ETF acts on.** The paper right-multiplies ``τ ∈ R^{d_in×d_out}`` by ``P_ETF ∈ R^{d_out×d_out}``
+  and calls ``d_out`` "the parameter output dimension". The two specs read this differently.
+  Default ``etf_side="in"`` (second MDA spec, flag on §2): the paper's matrices are the stored PyTorch
+  tensors, so ``τ P_ETF`` is ``Δ P_ETF`` and acts on the **columns** (``n = in_features``). This is the
+  literal product on the stored matrix and fits the paper's "d_out is typically 768 (ViT-B) / 1024
+  (ViT-L)", the column count of 3 of the 4 matrices of a ViT block. ``etf_side="out"`` (first MDA spec):
+  the paper's τ is ``Δᵀ`` (``y = x τ``), so the product is ``P_ETF Δ`` on the **rows** (``m = out_features``).
+  Either way, a side longer than ``C − 1`` is restricted to a random ``(C−1)``-dim subspace: with 8 vision
+  tasks (C = 758) "in" does that to the MLP's ``c_proj`` (3072 columns), "out" to ``in_proj`` (2304 rows)
+  and ``c_fc`` (3072 rows), and both nearly leave the 768-wide sides alone.
+* **ETF size and branch (A4).** ``C`` comes from the option ``num_classes`` (a list of per-task class
+  counts, summed, or the total as an int); it is required. ``P_ETF`` is built with the QR branch iff
+  ``d >= C`` (then a ``C/(C−1)``-scaled projector onto a seeded random ``(C−1)``-dim subspace), else the
+  SVD branch (then exactly ``C/(C−1) · I``: with ``C − 1 >= d`` MDA-TA is TSV-M times ``C/(C−1)``).
+* **Seed / sharing (A5).** One frame per dimension ``d``, seed ``etf_seed`` (default 0), shared by all layers.
+* **Which layers (first spec, §2).** Default: every 2-D matrix (Alg. 1 loops over all layers).
+  ``etf_layers`` (a regex searched in the tensor name) and ``etf_dims`` (allowed sizes of the projected
+  side; ``[768]`` gives the first spec's "only where that size is the ViT-B width") restrict the
+  projection; other matrices get the plain TSV-M update.
+* **k for non-square layers (A13).** ``k_reference="min"`` (default) uses ``min(m, n)`` (TSV-M's rule);
+  ``"etf_side"`` uses the size of the side ``P_ETF`` acts on (the paper's ``d_out`` under the chosen
+  ``etf_side`` reading), clamped to ``min(m, n)``. ``k >= 1`` always; when ``k·T > min(m, n)`` the
+  whitened bases have orthonormal rows instead of columns (as TSV-M).
+* **Alignment target (Table 15).** ``projection="etf"`` (default); ``"orthogonal"`` (C orthonormal class
+  directions: a projector onto a random C-dim subspace, the identity when ``C >= d``) and ``"low_rank"``
+  (projector onto a random ``⌊low_rank_fraction·d⌋``-dim subspace, the paper's ``d_out/4``) are our
+  readings of the paper's comparison targets; ``"none"`` skips the projection (= TSV-M).
+
+Steps 1–2 are :func:`taskmerge.methods.tsv.tsv_bases` (so ``projection="none"`` is TSV-M exactly, with
+its handling of numerically zero triplets); the projection is applied in factored form
+(:class:`taskmerge.etf.GramProjector`), never as a dense ``d × d`` product.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from taskmerge import linalg
+from taskmerge.errors import OptionError
+from taskmerge.etf import GramProjector, etf_projector, low_rank_projector, orthogonal_projector
+from taskmerge.methods.tsv import tsv_bases
+from taskmerge.registry import LayerContext, MethodOptions, register_method
+
+__all__ = ["MDAOptions", "mda_ta", "alignment_projector"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+
+
+class MDAOptions(MethodOptions):
+    """Options of ``mda_ta`` (see the module docstring for the readings behind each)."""
+
+    num_classes: int | list[int] | None = Field(
+        None,
+        description="per-task class counts C_t (summed to C) or the total C; required unless projection='none'",
+    )
+    k_fraction: float | None = Field(
+        None, gt=0, le=1, description="per-task rank k = ⌊ρ·d⌋ (Table 14: 0.01, 0.06, 0.1, 0.5, 0.9); default ⌊d/T⌋"
+    )
+    k_reference: Literal["min", "etf_side"] = Field(
+        "min", description="d in the k rule: min(m, n), or the size of the side P_ETF acts on"
+    )
+    shared: Literal["tsv", "basis"] = Field("tsv", description="τ_share: TSV-M update (default) or the literal basis")
+    projection: Literal["etf", "orthogonal", "low_rank", "none"] = Field(
+        "etf", description="alignment target (Table 15)"
+    )
+    low_rank_fraction: float = Field(0.25, gt=0, le=1, description="rank of the 'low_rank' target as a fraction of d")
+    etf_side: Literal["in", "out"] = Field("in", description="P_ETF acts on the columns ('in') or the rows ('out')")
+    etf_seed: int = Field(0, ge=0, description="seed of the random frame (QR branch)")
+    etf_layers: str | None = Field(None, description="regex: project only tensors whose name matches")
+    etf_dims: list[int] | None = Field(None, description="project only when the projected side has one of these sizes")
+
+    @field_validator("num_classes")
+    @classmethod
+    def _classes(cls, value: int | list[int] | None) -> int | list[int] | None:
+        if value is None:
+            return value
+        counts = [value] if isinstance(value, int) else value
+        if not counts or any(c < 1 for c in counts):
+            raise ValueError("class counts must be positive integers")
+        if sum(counts) < 2:
+            raise ValueError("a simplex ETF needs at least 2 classes in total")
+        return value
+
+    @field_validator("etf_layers")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+
+
+def _total_classes(options: MDAOptions, num_tasks: int) -> int:
+    nc = options.num_classes
+    if nc is None:
+        raise OptionError(
+            "method 'mda_ta': option num_classes is required (the tasks' class counts, e.g. [397, 196, 45, 10, "
+            "10, 43, 10, 47], or their total); it sets the size C of the simplex ETF"
+        )
+    if isinstance(nc, int):
+        return nc
+    if len(nc) != num_tasks:
+        raise OptionError(f"method 'mda_ta': option num_classes lists {len(nc)} class counts for {num_tasks} tasks")
+    return sum(nc)
+
+
+def _rank_per_task(options: MDAOptions, shape: tuple[int, int], num_tasks: int) -> int:
+    m, n = shape
+    r = min(m, n)
+    ref = r if options.k_reference == "min" else (m if options.etf_side == "out" else n)
+    k = math.floor(ref / num_tasks) if options.k_fraction is None else math.floor(options.k_fraction * ref)
+    return max(1, min(k, r))
+
+
+def alignment_projector(
+    options: MDAOptions, dim: int, num_tasks: int, dtype: torch.dtype, device: torch.device
+) -> GramProjector | None:
+    """The ``dim × dim`` alignment operator these options ask for (``None`` for ``projection="none"``)."""
+    if options.projection == "none":
+        return None
+    if options.projection == "low_rank":
+        rank = max(1, math.floor(options.low_rank_fraction * dim))
+        return low_rank_projector(dim, rank, seed=options.etf_seed, dtype=dtype, device=device)
+    classes = _total_classes(options, num_tasks)
+    if options.projection == "orthogonal":
+        return orthogonal_projector(dim, classes, seed=options.etf_seed, dtype=dtype, device=device)
+    return etf_projector(dim, classes, seed=options.etf_seed, dtype=dtype, device=device)
+
+
+def _layer_projector(options: MDAOptions, deltas: torch.Tensor, ctx: LayerContext) -> GramProjector | None:
+    T, m, n = deltas.shape
+    dim = m if options.etf_side == "out" else n
+    if options.projection in ("etf", "orthogonal"):
+        _total_classes(options, T)  # a missing or mismatched num_classes is an error on every layer
+    if options.etf_layers is not None and re.search(options.etf_layers, ctx.name) is None:
+        return None
+    if options.etf_dims is not None and dim not in options.etf_dims:
+        return None
+    return alignment_projector(options, dim, T, deltas.dtype, deltas.device)
+
+
+def _check_deltas(deltas: torch.Tensor, method: str) -> None:
+    if deltas.ndim != 3:
+        raise OptionError(f"method {method!r} merges 2-D matrices; got task updates of shape {tuple(deltas.shape)}")
+    if deltas.shape[0] < 1:
+        raise OptionError(f"method {method!r} needs at least one task update")
+
+
+def _literal_basis(deltas: torch.Tensor, k: int) -> torch.Tensor:
+    """The literal ``τ_share = U_share[:, :d]`` (A1's alternative): left singular vectors of the
+    concatenated per-task top-k left bases, truncated or zero-padded to ``n`` columns."""
+    n = deltas.shape[2]
+    u_cat = torch.cat([linalg.truncated_svd(d, k).U for d in deltas], dim=1)
+    u_share = linalg.svd(u_cat).U[:, :n]
+    return torch.nn.functional.pad(u_share, (0, n - u_share.shape[1]))
+
+
+@register_method(
+    "mda_ta",
+    options=MDAOptions,
+    paper=(
+        "Chen et al., 'From Coefficients to Directions: Rethinking Model Merging with Directional Alignment' "
+        "(arXiv 2512.00391), Alg. 1, Eq. 3"
+    ),
+    summary="MDA-TA: TSV-M shared basis per layer, projected onto a simplex-ETF direction matrix P_ETF = W_ETFᵀW_ETF",
+    matrix_only=True,
+    default_lambda=1.0,
+)
+def mda_ta(deltas: torch.Tensor, options: MDAOptions, ctx: LayerContext) -> torch.Tensor:
+    """MDA-TA's merged update of one matrix, before λ (module docstring)."""
+    _check_deltas(deltas, "mda_ta")
+    T, m, n = deltas.shape
+    projector = _layer_projector(options, deltas, ctx)
+    k = _rank_per_task(options, (m, n), T)
+    if options.shared == "tsv":
+        shared = tsv_bases(deltas, k).reconstruct()
+    else:
+        shared = _literal_basis(deltas, k)
+    return shared if projector is None else projector.apply(shared, options.etf_side)
