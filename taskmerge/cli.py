@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", help="shard size limit, e.g. 5GB")
     m.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    m.add_argument("--output-format", choices=["dense", "lora"],
+                   help="dense: a merged model (default); lora: a PEFT LoRA adapter of the base (needs --lora-rank)")
+    m.add_argument("--lora-rank", type=int, help="rank of the LoRA adapter written by --output-format lora")
+    m.add_argument("--lora-drop-other", action="store_true", default=None,
+                   help="with --output-format lora: drop changed biases/norms/embeddings (warned) instead of failing")
 
     lm = sub.add_parser("methods", help="list merging methods and their options")
     lm.add_argument("name", nargs="?", help="show one method in detail")
@@ -73,18 +78,38 @@ def _merge(args: argparse.Namespace) -> int:
         "output": args.output, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
         "device": args.device, "seed": args.seed, "include": args.include, "exclude": args.exclude,
         "matrix_exclude": args.matrix_exclude, "max_shard_size": args.max_shard_size,
-        "overwrite": args.overwrite,
+        "overwrite": args.overwrite, "output_format": args.output_format, "lora_rank": args.lora_rank,
+        "lora_drop_other": args.lora_drop_other,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.option:
         data["options"] = {**(data.get("options") or {}), **dict(args.option)}
     cfg = MergeConfig.from_mapping(data, args.config or "command line")
+    if cfg.output_format == "lora":
+        return _merge_lora(cfg, args)
     out = merge_checkpoints(
         cfg.base, cfg.models, cfg.output, cfg.method, cfg.options, lam=cfg.lam, policy=cfg.policy(),
         compute_dtype=cfg.compute_dtype, output_dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
         overwrite=cfg.overwrite, max_shard_bytes=cfg.max_shard_size, progress=not args.no_progress,
     )
     print(f"merged {len(cfg.models)} models with {cfg.method} into {out}")
+    return 0
+
+
+def _merge_lora(cfg: MergeConfig, args: argparse.Namespace) -> int:
+    from taskmerge.io.lora_export import merge_to_lora
+
+    assert cfg.lora_rank is not None
+    report = merge_to_lora(
+        cfg.base, cfg.models, cfg.output, cfg.method, cfg.options, rank=cfg.lora_rank, lam=cfg.lam,
+        policy=cfg.policy(), compute_dtype=cfg.compute_dtype, output_dtype=cfg.dtype, device=cfg.device,
+        seed=cfg.seed, overwrite=cfg.overwrite, drop_other=cfg.lora_drop_other, progress=not args.no_progress,
+    )
+    print(f"merged {len(cfg.models)} models with {cfg.method} into the rank-{report.rank} LoRA adapter {report.path} "
+          f"({len(report.errors)} matrices)")
+    print(f"max relative truncation error: {report.max_error:.3g}" + (f" ({report.max_tensor})" if report.max_tensor else ""))
+    if report.dropped:
+        print(f"dropped {len(report.dropped)} changed tensor(s) a LoRA adapter cannot hold, e.g. {report.dropped[0]}")
     return 0
 
 

@@ -8,6 +8,9 @@ Example::
     options: {}
     lambda: 1.0
     output: merged/
+    # models may also be PEFT LoRA adapter folders; output_format: lora writes a LoRA adapter
+    # output_format: lora
+    # lora_rank: 16
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from taskmerge.errors import OptionError
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES
@@ -59,11 +62,20 @@ class MergeConfig(BaseModel):
     matrix_exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_MATRIX_EXCLUDE))
     overwrite: bool = False
     max_shard_size: int = DEFAULT_SHARD_BYTES
+    output_format: Literal["dense", "lora"] = "dense"
+    lora_rank: int | None = Field(default=None, ge=1)
+    lora_drop_other: bool = False
 
     @field_validator("max_shard_size", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int:
         return parse_size(v)
+
+    @model_validator(mode="after")
+    def _lora_rank_given(self) -> MergeConfig:
+        if self.output_format == "lora" and self.lora_rank is None:
+            raise ValueError("output_format lora needs lora_rank (e.g. --lora-rank 16)")
+        return self
 
     def policy(self) -> TensorPolicy:
         """The tensor selection policy of this configuration."""

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from taskmerge.errors import CheckpointError, OptionError
 from taskmerge.io.readers import DictSource, TensorSource, open_checkpoint
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES, CheckpointWriter
+from taskmerge.linalg import LowRank
 from taskmerge.registry import LayerContext, MethodOptions, MethodSpec, get_method
 from taskmerge.selection import TensorClass, TensorPolicy
 
@@ -99,21 +100,49 @@ def _check_sources(base: TensorSource, tasks: Sequence[TensorSource]) -> list[st
 
 
 def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], req: MergeRequest) -> torch.Tensor:
-    """Stack ``Δ_t = θ_t − θ₀`` for one tensor, in the compute dtype, checking for NaN / Inf."""
+    """Stack ``Δ_t = θ_t − θ₀`` for one tensor, in the compute dtype, checking for NaN / Inf.
+
+    A source that knows its update exactly (a PEFT adapter: ``task_update(name, dtype)`` returns
+    ``scale·B A``) supplies it directly instead of the rounded difference ``θ_t − θ₀``.
+    """
     b = base.to(device=req.device, dtype=req.compute_dtype)
     deltas = torch.empty((len(tasks), *b.shape), dtype=req.compute_dtype, device=req.device)
     for i, src in enumerate(tasks):
-        torch.sub(src.get(name).to(device=req.device, dtype=req.compute_dtype), b, out=deltas[i])
+        exact = getattr(src, "task_update", None)
+        if exact is not None:
+            deltas[i] = exact(name, req.compute_dtype).to(device=req.device)
+        else:
+            torch.sub(src.get(name).to(device=req.device, dtype=req.compute_dtype), b, out=deltas[i])
         if not torch.isfinite(deltas[i]).all():
             raise CheckpointError(f"{src.location(name)}: task vector of tensor {name!r} contains NaN or Inf")
     return deltas
 
 
-def _merge_one(name: str, cls: TensorClass, deltas: torch.Tensor, req: MergeRequest, state: Any) -> torch.Tensor:
+def _task_factors(name: str, cls: TensorClass, tasks: Sequence[TensorSource]) -> tuple[LowRank, ...] | None:
+    """Every task's update of a matrix in factored form (``LayerContext.factors``), or ``None``."""
+    if cls is not TensorClass.MATRIX:
+        return None
+    factors = []
+    for src in tasks:
+        lowrank = getattr(src, "lowrank", None)
+        f = lowrank(name) if lowrank is not None else None
+        if f is None:
+            return None
+        factors.append(f)
+    return tuple(factors)
+
+
+def _layer_context(name: str, cls: TensorClass, req: MergeRequest, state: Any,
+                   tasks: Sequence[TensorSource] = ()) -> LayerContext:
+    return LayerContext(name=name, seed=LayerContext.tensor_seed(req.seed, name), state=state,
+                        matrix=cls is TensorClass.MATRIX, factors=_task_factors(name, cls, tasks) if tasks else None)
+
+
+def _merge_one(name: str, cls: TensorClass, deltas: torch.Tensor, req: MergeRequest, state: Any,
+               tasks: Sequence[TensorSource] = ()) -> torch.Tensor:
     if req.spec.matrix_only and cls is not TensorClass.MATRIX:
         return deltas.mean(dim=0)
-    ctx = LayerContext(name=name, seed=LayerContext.tensor_seed(req.seed, name), state=state,
-                       matrix=cls is TensorClass.MATRIX)
+    ctx = _layer_context(name, cls, req, state, tasks)
     merged = req.spec.fn(deltas, req.options, ctx)
     if merged.shape != deltas.shape[1:]:
         raise RuntimeError(f"method {req.spec.name!r} returned shape {tuple(merged.shape)} for tensor {name!r}")
@@ -130,8 +159,13 @@ def _statistic_pass(base: TensorSource, tasks: Sequence[TensorSource], names: li
     collected: dict[str, Any] = {}
     todo = [n for n in names if classes[n] is not TensorClass.KEEP
             and not (req.spec.matrix_only and classes[n] is not TensorClass.MATRIX)]
+    with_ctx = bool(getattr(stat, "wants_context", False))
     for name in tqdm(todo, desc=f"{req.spec.name}: statistics", disable=not progress, unit="tensor"):
-        collected[name] = stat.collect(name, _task_updates(name, base.get(name), tasks, req), req.options)
+        deltas = _task_updates(name, base.get(name), tasks, req)
+        if with_ctx:
+            collected[name] = stat.collect(name, deltas, req.options, _layer_context(name, classes[name], req, None, tasks))
+        else:
+            collected[name] = stat.collect(name, deltas, req.options)
     return stat.finalize(collected, req.options)
 
 
@@ -155,7 +189,7 @@ def iter_merged(
             yield name, theta0, None
             continue
         deltas = _task_updates(name, theta0, tasks, req)
-        yield name, theta0, _merge_one(name, cls, deltas, req, state).cpu()
+        yield name, theta0, _merge_one(name, cls, deltas, req, state, tasks).cpu()
 
 
 def merged_task_vector(
@@ -207,23 +241,42 @@ def merge_checkpoints(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    output_format: str = "dense",
+    lora_rank: int | None = None,
+    lora_drop_other: bool = False,
 ) -> Path:
     """Merge checkpoint files / folders and write the result atomically.
 
     Args:
         base: the pretrained model (file or Hugging Face folder).
-        models: the T fine-tuned models, same architecture as ``base``.
+        models: the T fine-tuned models, same architecture as ``base``: checkpoints, or PEFT LoRA adapter
+            folders (``adapter_config.json``), read as ``θ₀ + ΔW`` against ``base``.
         output: a folder (non-weight files of a folder ``base`` are copied into it) or a ``.safetensors`` file.
         method: a registered method name (``taskmerge methods`` lists them).
         options: the method's options.
         lam: the scaling coefficient λ; the method's default when ``None``.
         output_dtype: ``float32`` / ``float16`` / ``bfloat16``; the base's dtype per tensor when ``None``.
+        output_format: ``dense`` (a merged model) or ``lora`` (a rank-``lora_rank`` PEFT adapter of ``base``
+            holding ``λ·τ``, see :mod:`taskmerge.io.lora_export`; ``lora_drop_other`` drops changed tensors
+            a LoRA adapter cannot hold instead of failing).
     """
+    if output_format not in ("dense", "lora"):
+        raise OptionError(f"option output_format: expected dense or lora, got {output_format!r}")
+    if output_format == "lora":
+        from taskmerge.io.lora_export import merge_to_lora
+
+        if lora_rank is None:
+            raise OptionError("option lora_rank: required with output_format lora (e.g. --lora-rank 16)")
+        return merge_to_lora(
+            base, models, output, method, options, rank=lora_rank, lam=lam, policy=policy,
+            compute_dtype=compute_dtype, output_dtype=output_dtype, device=device, seed=seed,
+            overwrite=overwrite, drop_other=lora_drop_other, progress=progress,
+        ).path
     req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
     lam = req.spec.default_lambda if lam is None else float(lam)
     out_dtype = _output_dtype(output_dtype)
     base_reader = open_checkpoint(base)
-    readers = [open_checkpoint(m) for m in models]
+    readers = [open_checkpoint(m, base=base_reader) for m in models]
     with CheckpointWriter(output, overwrite=overwrite, copy_from=base, max_shard_bytes=max_shard_bytes,
                           metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)}) as writer:
         for name, theta0, tau in iter_merged(base_reader, readers, req, progress=progress):

@@ -17,12 +17,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from taskmerge.errors import OptionError
+
+if TYPE_CHECKING:
+    from taskmerge.linalg import LowRank
 
 __all__ = [
     "MethodOptions",
@@ -52,12 +55,18 @@ class LayerContext:
         state: the finalized :class:`GlobalStatistic` of a model-level method, else ``None``.
         matrix: whether this tensor gets the matrix (SVD) treatment; methods flagged
             ``matrix_only`` are never called with ``matrix=False``.
+        factors: for a matrix whose every task update is known in factored form (PEFT LoRA adapters,
+            :class:`taskmerge.io.peft.PeftAdapterSource`), one :class:`taskmerge.linalg.LowRank` per task
+            with ``factors[t].dense() == deltas[t]`` (rank 0 for a task that leaves the matrix alone);
+            ``None`` otherwise. Low-rank-aware methods may use it instead of ``deltas`` to avoid SVDs of
+            m × n matrices; the result must not depend on which route is taken.
     """
 
     name: str
     seed: int = 0
     state: Any = None
     matrix: bool = True
+    factors: tuple[LowRank, ...] | None = None
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A torch generator seeded with :attr:`seed`, for stochastic methods such as DARE."""
@@ -72,7 +81,11 @@ class LayerContext:
 
 
 class GlobalStatistic(Protocol):
-    """A two-pass, model-wide statistic (see the module docstring)."""
+    """A two-pass, model-wide statistic (see the module docstring).
+
+    A statistic whose class sets ``wants_context = True`` is called as
+    ``collect(name, deltas, options, ctx)`` with the tensor's :class:`LayerContext` (seed, factors).
+    """
 
     def collect(self, name: str, deltas: torch.Tensor, options: MethodOptions) -> Any:
         """Summarise one tensor's task updates (stored until :meth:`finalize`)."""

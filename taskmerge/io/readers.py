@@ -17,12 +17,15 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from taskmerge.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from taskmerge.io.peft import PeftAdapterSource
 
 __all__ = ["TensorSource", "DictSource", "CheckpointReader", "open_checkpoint", "SAFETENSORS_DTYPES"]
 
@@ -209,11 +212,22 @@ def _read_index(index: Path) -> dict[str, Path]:
     return {name: index.parent / shard for name, shard in weight_map.items()}
 
 
-def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a checkpoint file or Hugging Face model folder for lazy reading."""
+def open_checkpoint(
+    path: str | Path, *, base: TensorSource | str | Path | None = None
+) -> CheckpointReader | PeftAdapterSource:
+    """Open a checkpoint file or Hugging Face model folder for lazy reading.
+
+    A PEFT adapter folder (holding ``adapter_config.json``) is read against ``base``, the model it was
+    trained on, as a :class:`taskmerge.io.peft.PeftAdapterSource` (``θ₀ + ΔW``); without ``base`` it is an
+    error.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
+    from taskmerge.io.peft import is_adapter, open_adapter  # noqa: PLC0415 (peft imports this module)
+
+    if is_adapter(p):
+        return open_adapter(p, base)
     if p.is_file():
         if p.name.endswith(".index.json"):
             wm = _read_index(p)
