@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from taskmerge.config import MergeConfig, load_config
-from taskmerge.errors import TaskmergeError
+from taskmerge.errors import OptionError, TaskmergeError
 from taskmerge.merge import merge_checkpoints
 from taskmerge.registry import list_methods
 
@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora-rank", type=int, help="rank of the LoRA adapter written by --output-format lora")
     m.add_argument("--lora-drop-other", action="store_true", default=None,
                    help="with --output-format lora: drop changed biases/norms/embeddings (warned) instead of failing")
+    m.add_argument("--resume", action="store_true", default=None,
+                   help="continue an interrupted merge of the same request from its completed shards (<output>.partial)")
+    m.add_argument("--workers", type=int, help="tensors merged at once (default: one per 4 cores; Ray: the cluster's CPUs)")
+    m.add_argument("--executor", choices=["thread", "ray"],
+                   help="thread: a CPU thread pool (default); ray: a Ray cluster (pip install 'taskmerge[ray]')")
+
+    from taskmerge.bench.runner import build_parser as build_bench_parser
+
+    build_bench_parser(sub.add_parser("bench", help="run the offline benchmark: fine-tune (cached), merge, tabulate"))
 
     lm = sub.add_parser("methods", help="list merging methods and their options")
     lm.add_argument("name", nargs="?", help="show one method in detail")
@@ -79,21 +88,39 @@ def _merge(args: argparse.Namespace) -> int:
         "device": args.device, "seed": args.seed, "include": args.include, "exclude": args.exclude,
         "matrix_exclude": args.matrix_exclude, "max_shard_size": args.max_shard_size,
         "overwrite": args.overwrite, "output_format": args.output_format, "lora_rank": args.lora_rank,
-        "lora_drop_other": args.lora_drop_other,
+        "lora_drop_other": args.lora_drop_other, "resume": args.resume, "workers": args.workers,
+        "executor": args.executor,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.option:
         data["options"] = {**(data.get("options") or {}), **dict(args.option)}
     cfg = MergeConfig.from_mapping(data, args.config or "command line")
+    if _is_data_based(cfg.method):
+        from taskmerge.databased.cli import merge_with_data
+
+        out = merge_with_data(cfg, progress=not args.no_progress)
+        print(f"merged {len(cfg.models)} models with {cfg.method} into {out}")
+        return 0
+    if cfg.data is not None:
+        raise OptionError(f"method {cfg.method!r} is data-free: remove the data section")
     if cfg.output_format == "lora":
+        if cfg.resume:
+            raise OptionError("option resume: not supported with output_format lora")
         return _merge_lora(cfg, args)
     out = merge_checkpoints(
         cfg.base, cfg.models, cfg.output, cfg.method, cfg.options, lam=cfg.lam, policy=cfg.policy(),
         compute_dtype=cfg.compute_dtype, output_dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
         overwrite=cfg.overwrite, max_shard_bytes=cfg.max_shard_size, progress=not args.no_progress,
+        resume=cfg.resume, workers=cfg.workers, executor=cfg.executor,
     )
     print(f"merged {len(cfg.models)} models with {cfg.method} into {out}")
     return 0
+
+
+def _is_data_based(method: str) -> bool:
+    from taskmerge.databased import DATA_METHODS
+
+    return method in DATA_METHODS
 
 
 def _merge_lora(cfg: MergeConfig, args: argparse.Namespace) -> int:
@@ -138,26 +165,43 @@ def _methods(args: argparse.Namespace) -> int:
     specs = list_methods()
     if args.name:
         specs = [s for s in specs if s.name == args.name]
-        if not specs:
+        if not specs and not _is_data_based(args.name):
             raise TaskmergeError(f"unknown method {args.name!r}; run `taskmerge methods` for the list")
     for spec in specs:
         kind = "data-free" if spec.data_free else "data-based"
         print(f"{spec.name}  [{kind}, default λ={spec.default_lambda}]  {spec.summary}")
         print(f"    paper: {spec.paper}")
         print("\n".join(_describe_options(spec.options)) or "    (no options)")
+    from taskmerge.databased import DATA_METHODS
+
+    for dm in DATA_METHODS.values():  # data-based methods (taskmerge.databased): need a data section
+        if args.name and args.name != dm.name:
+            continue
+        print(f"{dm.name}  [data-based]  {dm.summary}")
+        print(f"    paper: {dm.paper}")
+        print("\n".join(_describe_options(dm.options)))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from taskmerge.bench.runner import run_from_args
+
+    return run_from_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskmerge`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"merge": _merge, "methods": _methods}
+    handlers = {"merge": _merge, "methods": _methods, "bench": _bench}
     try:
         return handlers[args.command](args)
     except TaskmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (a merge keeps its completed shards: rerun it with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

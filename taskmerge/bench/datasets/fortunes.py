@@ -1,0 +1,147 @@
+"""Tasks from the Debian fortune cookie databases (``fortunes`` and ``fortunes-{de,es,it,br,pl,cs,ru}``).
+
+Source: the Debian packages ``fortunes`` (English, ~45 topic files under ``/usr/share/games/fortunes``),
+``fortunes-de``, ``fortunes-es``, ``fortunes-it``, ``fortunes-br`` (Brazilian Portuguese, file ``brasil``),
+``fortunes-pl``, ``fortunes-cs`` and ``fortunes-ru``. A fortune file is plain text with entries separated by
+lines holding a single ``%``.
+
+License: the English ``fortunes`` collection is distributed by Debian under the BSD license of
+``fortune-mod`` (individual quotations are short excerpts); the language packs are distributed by Debian as
+free software (GPL-2 for ``fortunes-de``, ``fortunes-cs``, ``fortunes-br``; GPL for ``fortunes-es``,
+``fortunes-it``, ``fortunes-pl``; ``fortunes-ru`` as packaged). See each package's
+``/usr/share/doc/<package>/copyright``.
+
+Tasks:
+
+* ``fortune_topic_a`` — which English topic file a fortune comes from; labels :data:`TOPICS_A`.
+* ``fortune_topic_b`` — the same over a disjoint set of 8 topic files, :data:`TOPICS_B`.
+* ``fortune_language`` — the language of a fortune; labels :data:`LANGUAGES` (``en de es it pt pl cs ru``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+from taskmerge.bench.datasets.common import TaskData, TaskInfo, TaskSourceMissing, build_task
+
+FORTUNE_DIR = Path(os.environ.get("TASKMERGE_FORTUNE_DIR", "/usr/share/games/fortunes"))
+
+TOPICS_A: tuple[str, ...] = (
+    "computers", "definitions", "people", "politics", "science", "songs-poems", "work", "men-women",
+)
+TOPICS_B: tuple[str, ...] = ("art", "education", "food", "law", "linux", "literature", "startrek", "zippy")
+
+LANGUAGES: tuple[str, ...] = ("en", "de", "es", "it", "pt", "pl", "cs", "ru")
+_LANGUAGE_DIRS: dict[str, str] = {"de": "de", "es": "es", "it": "it", "pl": "pl", "cs": "cs", "ru": "ru"}
+
+_INSTALL = (
+    "apt-get install -y fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs fortunes-ru"
+)
+_LICENSE = "BSD (fortune-mod, English); GPL family (language packs) - see /usr/share/doc/fortunes*/copyright"
+_SOURCE_TAG = re.compile(r"^#\S+\s*\n")  # fortunes-pl starts each entry with a "#file" line
+
+# Min / max characters kept (after whitespace normalisation): very short entries carry no topic and
+# very long ones are truncated to the first 48 tokens anyway.
+MIN_CHARS = 20
+MAX_CHARS = 1000
+
+
+def parse_fortune_file(text: str) -> list[str]:
+    """Split a fortune file's text into entries (lines holding only ``%`` separate them); empty ones dropped."""
+    entries: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.strip() == "%":
+            entries.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    entries.append("\n".join(current))
+    out = []
+    for entry in entries:
+        entry = _SOURCE_TAG.sub("", entry.strip("\n"))
+        if entry.strip():
+            out.append(entry)
+    return out
+
+
+def _read(path: Path) -> list[str]:
+    return parse_fortune_file(path.read_bytes().decode("utf-8", errors="replace"))
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise TaskSourceMissing(f"{path} not found; install the Debian fortune packages: {_INSTALL}")
+
+
+def _data_files(directory: Path) -> list[Path]:
+    """Regular fortune files of a directory (no ``.dat`` index, no ``.u8`` alias, no symlink, no subfolder)."""
+    _require(directory)
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and not p.name.endswith("-sk")
+    )
+
+
+@lru_cache(maxsize=4)
+def english_topics(root: str = str(FORTUNE_DIR)) -> dict[str, tuple[str, ...]]:
+    """English topic files of the ``fortunes`` package: ``{topic: entries}`` (``brasil`` excluded)."""
+    files = [p for p in _data_files(Path(root)) if p.name != "brasil"]
+    return {p.name: tuple(_read(p)) for p in files}
+
+
+@lru_cache(maxsize=4)
+def languages(root: str = str(FORTUNE_DIR)) -> dict[str, tuple[str, ...]]:
+    """Entries per language code of :data:`LANGUAGES`."""
+    base = Path(root)
+    out: dict[str, tuple[str, ...]] = {"en": tuple(e for v in english_topics(root).values() for e in v)}
+    _require(base / "brasil")
+    out["pt"] = tuple(_read(base / "brasil"))
+    for code, sub in _LANGUAGE_DIRS.items():
+        out[code] = tuple(e for p in _data_files(base / sub) for e in _read(p))
+    return {code: out[code] for code in LANGUAGES}
+
+
+def _topic_task(name: str, topics: Iterable[str], seed: int) -> TaskData:
+    topics = tuple(topics)
+    info = TaskInfo(
+        name=name,
+        source="Debian package fortunes (/usr/share/games/fortunes/{" + ",".join(topics) + "})",
+        license=_LICENSE,
+        description="English fortune -> the topic file it comes from: " + ", ".join(topics),
+        install=_INSTALL,
+    )
+    all_topics = english_topics()
+    missing = [t for t in topics if t not in all_topics]
+    if missing:
+        raise TaskSourceMissing(f"fortune topic files {missing} not found under {FORTUNE_DIR}; {_INSTALL}")
+    groups = {t: list(all_topics[t]) for t in topics}
+    return build_task(name, groups, seed, info=info, min_chars=MIN_CHARS, max_chars=MAX_CHARS)
+
+
+def fortune_topic_a(seed: int = 0) -> TaskData:
+    """English fortune topic, 8 classes (:data:`TOPICS_A`)."""
+    return _topic_task("fortune_topic_a", TOPICS_A, seed)
+
+
+def fortune_topic_b(seed: int = 0) -> TaskData:
+    """English fortune topic, 8 classes disjoint from task A (:data:`TOPICS_B`)."""
+    return _topic_task("fortune_topic_b", TOPICS_B, seed)
+
+
+def fortune_language(seed: int = 0) -> TaskData:
+    """Language identification of fortunes over 8 languages (:data:`LANGUAGES`)."""
+    info = TaskInfo(
+        name="fortune_language",
+        source="Debian packages fortunes, fortunes-de, -es, -it, -br (pt), -pl, -cs, -ru",
+        license=_LICENSE,
+        description="fortune -> its language: " + ", ".join(LANGUAGES),
+        install=_INSTALL,
+    )
+    groups = {code: list(v) for code, v in languages().items()}
+    return build_task("fortune_language", groups, seed, info=info, min_chars=MIN_CHARS, max_chars=MAX_CHARS)

@@ -1,0 +1,270 @@
+"""Task data: splits disjoint, balanced, deterministic; manifests hash what they claim; sources parsed right."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+import yaml
+
+from taskmerge.bench.datasets import (
+    MAIN_TASKS,
+    TASKS,
+    TOY_TASKS,
+    UNSEEN_TASKS,
+    TaskSourceMissing,
+    load_task,
+    resolve_tasks,
+)
+from taskmerge.bench.datasets import fortunes, wordnet
+from taskmerge.bench.datasets.common import balanced_split, clean_groups
+
+REAL_TASKS = [t for t in TASKS if t not in TOY_TASKS]
+EXPECTED_CLASSES = {
+    "fortune_topic_a": 8, "fortune_topic_b": 8, "fortune_language": 8, "wordnet_noun_supersense": 10,
+    "wordnet_verb_supersense": 8, "wordnet_pos": 4, "wordnet_domain": 8, "vader_polarity": 2,
+    "chatterbot_category": 6, "chatterbot_language": 8, "toy_letters": 2, "toy_length": 3,
+}
+
+
+def _load(name: str, seed: int = 0):
+    try:
+        return load_task(name, seed)
+    except TaskSourceMissing as exc:  # pragma: no cover - CI installs every source
+        pytest.skip(str(exc))
+
+
+def _norm(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _sha(examples) -> str:
+    # independent restatement of the documented hash: JSON list of [text, label], UTF-8, no ASCII escaping
+    return hashlib.sha256(json.dumps([[t, y] for t, y in examples], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def test_suite_lists() -> None:
+    assert len(MAIN_TASKS) == 8 and len(set(MAIN_TASKS)) == 8
+    assert len(UNSEEN_TASKS) >= 2 and not set(UNSEEN_TASKS) & set(MAIN_TASKS)
+    assert set(MAIN_TASKS) | set(UNSEEN_TASKS) <= set(TASKS)
+    assert resolve_tasks(4) == list(MAIN_TASKS[:4])
+    assert resolve_tasks("8") == list(MAIN_TASKS)
+    assert resolve_tasks("all") == list(MAIN_TASKS) + list(UNSEEN_TASKS)
+    assert resolve_tasks("vader_polarity,wordnet_pos") == ["vader_polarity", "wordnet_pos"]
+    with pytest.raises(KeyError):
+        resolve_tasks(["no_such_task"])
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_disjoint_balanced_and_hashed(name: str) -> None:
+    d = _load(name)
+    assert len(d.labels) == EXPECTED_CLASSES[name] == len(set(d.labels))
+    texts = {s: [t for t, _ in d.split(s)] for s in ("train", "val", "test")}
+    for s, ts in texts.items():
+        assert len(ts) == len(set(ts)), f"duplicate texts inside {s}"
+        assert all(isinstance(t, str) and t == t.strip() and t for t in ts)
+    assert not set(texts["train"]) & set(texts["val"])
+    assert not set(texts["train"]) & set(texts["test"])
+    assert not set(texts["val"]) & set(texts["test"])
+    k = len(d.labels)
+    for s in ("val", "test"):  # exactly balanced
+        counts = [sum(1 for _, y in d.split(s) if y == i) for i in range(k)]
+        assert len(set(counts)) == 1 and counts[0] > 0, (s, counts)
+    train_counts = [sum(1 for _, y in d.train if y == i) for i in range(k)]
+    assert min(train_counts) > 0
+    assert all(0 <= y < k for s in ("train", "val", "test") for _, y in d.split(s))
+    # suite budget: <= 1000 train, 200 val, 400 test examples per task
+    assert len(d.train) <= 1000 and len(d.val) <= 200 and len(d.test) <= 400
+    m = d.manifest
+    assert m["labels"] == d.labels
+    for s in ("train", "val", "test"):
+        assert m["counts"][s] == len(d.split(s))
+        assert m["sha256"][s] == _sha(d.split(s))
+        assert sum(m["per_class"][s].values()) == len(d.split(s))
+    if name in REAL_TASKS:
+        assert m["source"] and m["license"]
+        assert d.info is not None and d.info.install
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_deterministic_and_seed_dependent(name: str) -> None:
+    a, b, c = _load(name, 0), _load(name, 0), _load(name, 1)
+    assert a.train == b.train and a.val == b.val and a.test == b.test
+    assert a.manifest_hash == b.manifest_hash
+    assert a.test != c.test and a.manifest_hash != c.manifest_hash
+
+
+def test_manifest_hashes_stable_across_processes() -> None:
+    """Hashes do not depend on PYTHONHASHSEED or on what was loaded before (fresh interpreters)."""
+    names = ["toy_letters", "vader_polarity", "wordnet_pos", "fortune_topic_a", "chatterbot_category"]
+    code = (
+        "import json,sys; from taskmerge.bench.datasets import load_task\n"
+        "out={}\n"
+        "for n in sys.argv[1:]:\n"
+        "    try: out[n]=load_task(n,0).manifest['sha256']\n"
+        "    except Exception as e: out[n]=repr(type(e).__name__)\n"
+        "print(json.dumps(out))\n"
+    )
+    runs = []
+    for hashseed in ("1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        order = names if hashseed == "1" else names[::-1]
+        res = subprocess.run([sys.executable, "-c", code, *order], capture_output=True, text=True, env=env, check=True)
+        runs.append(json.loads(res.stdout))
+    assert runs[0] == runs[1]
+    for n in names:
+        if isinstance(runs[0][n], dict):
+            assert runs[0][n] == _load(n).manifest["sha256"]
+
+
+def test_toy_golden_hashes() -> None:
+    """Golden values pin the split algorithm itself (the toy data has no external source): a change to
+    cleaning, seeding, ordering or hashing shows up here."""
+    d = load_task("toy_letters", 0)
+    assert d.manifest["counts"] == {"train": 200, "val": 60, "test": 120}
+    assert d.manifest["per_class"]["test"] == {"first_half": 60, "second_half": 60}
+    assert d.manifest["sha256"] == {
+        "train": "2df1b6f810a067ffe6adcd0a688a97a3cfe5a8612c5ac90e2784f21bd22c1a1b",
+        "val": "38fd13016c2c1c1fd4f338320542d535811c2edb034c8d2acaa880c19d066027",
+        "test": "a3c04362cb4be011c25832a31c2fa996e5219c5c86faf95ac840c6938bda1ca3",
+    }
+
+
+def test_balanced_split_rule() -> None:
+    groups = {"a": [f"a{i}" for i in range(20)], "b": [f"b{i}" for i in range(7)]}
+    caps = {"train": 10, "val": 2, "test": 3}
+    s = balanced_split(groups, ["a", "b"], caps, seed=3, task="t")
+    assert sum(1 for _, y in s["test"] if y == 1) == 3 and sum(1 for _, y in s["val"] if y == 1) == 2
+    assert sum(1 for _, y in s["train"] if y == 1) == 2  # only 7 - 5 left
+    assert sum(1 for _, y in s["train"] if y == 0) == 10
+    used = [t for split in s.values() for t, _ in split]
+    assert len(used) == len(set(used))
+    with pytest.raises(ValueError):
+        balanced_split({"a": ["x"] * 3, "b": ["y", "z"]}, ["a", "b"], caps, 0, "t")
+
+
+def test_clean_groups_drops_ambiguous_and_duplicates() -> None:
+    out = clean_groups({"a": ["x  y", "x y", "shared", "ok"], "b": ["shared", "fine\n"]})
+    assert out == {"a": ["ok", "x y"], "b": ["fine"]}
+
+
+# --------------------------------------------------------------------------- source parsers vs the raw files
+
+
+def test_fortune_parser() -> None:
+    text = "first\nline\n%\n#7thguard\nsecond\n%\n%\nthird\n"
+    assert fortunes.parse_fortune_file(text) == ["first\nline", "second", "third"]
+
+
+def test_fortune_topic_examples_come_from_their_files() -> None:
+    d = _load("fortune_topic_a")
+    assert set(fortunes.TOPICS_A).isdisjoint(fortunes.TOPICS_B)
+    by_label = {}
+    for label in d.labels:
+        raw = (fortunes.FORTUNE_DIR / label).read_text(encoding="utf-8", errors="replace")
+        by_label[label] = {_norm(e) for e in raw.split("\n%\n")}
+    for text, y in d.test[:100] + d.train[:100]:
+        assert text in by_label[d.labels[y]]
+
+
+def test_fortune_language_examples_come_from_their_language() -> None:
+    d = _load("fortune_language")
+    root = fortunes.FORTUNE_DIR
+    sources = {"pt": [root / "brasil"], "en": [root / t for t in fortunes.TOPICS_A + fortunes.TOPICS_B]}
+    for code in ("de", "es", "it", "pl", "cs", "ru"):
+        sources[code] = [p for p in (root / code).iterdir() if p.is_file() and p.suffix not in (".dat", ".u8")]
+    blobs = {c: _norm(" ".join(p.read_text(encoding="utf-8", errors="replace") for p in ps))
+             for c, ps in sources.items()}
+    checked = 0
+    for text, y in d.test:
+        code = d.labels[y]
+        if code == "en":  # English comes from all topic files; check only those that are in the ones listed
+            continue
+        assert text[:60] in blobs[code], (code, text[:60])
+        checked += 1
+    assert checked > 300
+
+
+def test_wordnet_parser_on_known_lines() -> None:
+    line = ("00002325 29 v 01 respire 1 005 $ 00001740 v 0000 @ 02108395 v 0000 + 03110323 a 0101 "
+            "+ 00831191 n 0103 + 00830811 n 0101 01 + 02 00 | undergo the biomedical and metabolic processes "
+            "of respiration by taking up oxygen and producing carbon monoxide  \n")
+    s = wordnet.parse_data_line(line)
+    assert s is not None and s.lex_filenum == 29 and wordnet.LEXNAMES[29] == "verb.body"
+    assert s.words == ("respire",) and s.ss_type == "v" and len(s.pointers) == 5
+    assert s.definition.startswith("undergo the biomedical") and s.definition.endswith("carbon monoxide")
+    assert wordnet.parse_data_line("  1 This software and database is being provided\n") is None
+
+
+def test_wordnet_supersense_labels_match_known_words() -> None:
+    try:
+        syn = wordnet.synsets()
+    except TaskSourceMissing as exc:  # pragma: no cover
+        pytest.skip(str(exc))
+    path = wordnet.WORDNET_DIR / "data.noun"
+    n_lines = sum(1 for line in path.open(encoding="utf-8", errors="replace") if not line.startswith("  "))
+    assert len(syn["noun"]) == n_lines == 82115
+    lex = {("dog", "n"): "noun.animal", ("oak", "n"): "noun.plant", ("bread", "n"): "noun.food",
+           ("run", "v"): "verb.motion"}
+    index = {}
+    for pos, key in (("noun", "n"), ("verb", "v")):
+        for s in syn[pos]:
+            for w in s.words:
+                index.setdefault((w, key), set()).add(wordnet.LEXNAMES[s.lex_filenum])
+    for k, v in lex.items():
+        assert v in index[k], (k, index[k])
+    d = _load("wordnet_noun_supersense")
+    defs = {}
+    for s in syn["noun"]:
+        defs.setdefault(s.definition, set()).add(wordnet.LEXNAMES[s.lex_filenum])
+    for text, y in d.test:
+        assert defs[text] == {d.labels[y]}
+
+
+def test_wordnet_pos_labels() -> None:
+    d = _load("wordnet_pos")
+    raw = {}
+    for pos, label in (("noun", "noun"), ("verb", "verb"), ("adj", "adjective"), ("adv", "adverb")):
+        for line in (wordnet.WORDNET_DIR / f"data.{pos}").open(encoding="utf-8", errors="replace"):
+            if line.startswith("  "):
+                continue
+            gloss = line.split(" | ", 1)[1]
+            raw.setdefault(_norm(gloss.split('; "')[0]).rstrip(";").strip(), set()).add(label)
+    for text, y in d.test:
+        assert raw[text] == {d.labels[y]}
+
+
+def test_wordnet_domain_has_no_leaked_tag() -> None:
+    d = _load("wordnet_domain")
+    assert not any(t.startswith("(") and t.split(")")[0][1:] in d.labels for t, _ in d.train + d.val + d.test)
+
+
+def test_vader_labels_agree_with_lexicon() -> None:
+    d = _load("vader_polarity")
+    from taskmerge.bench.datasets import vader
+
+    with open(vader.lexicon_path(), encoding="utf-8", newline="") as fh:
+        means = {row[0]: float(row[1]) for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if row}
+    for text, y in d.train + d.val + d.test:
+        assert (means[text] >= 0.5) if d.labels[y] == "positive" else (means[text] <= -0.5)
+
+
+def test_chatterbot_category_lines_come_from_their_file() -> None:
+    d = _load("chatterbot_category")
+    from taskmerge.bench.datasets import chatterbot
+
+    root = Path(chatterbot.corpus_dir()) / "english"
+    lines = {}
+    for label in d.labels:
+        data = yaml.safe_load((root / f"{label}.yml").read_text(encoding="utf-8"))
+        lines[label] = {_norm(s) for conv in data["conversations"] for s in conv if isinstance(s, str)}
+    for text, y in d.train + d.test:
+        assert text in lines[d.labels[y]]
+        assert all(text not in lines[other] for other in d.labels if other != d.labels[y])
