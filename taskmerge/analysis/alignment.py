@@ -45,6 +45,7 @@ import torch
 
 from taskmerge import linalg
 from taskmerge.analysis.direction import TaskVectors, matrix_layers
+from taskmerge.analysis.plotting import new_figure, save_figure
 
 __all__ = [
     "XiMode",
@@ -64,8 +65,6 @@ __all__ = [
     "plot_cross_influence",
     "plot_sai_curves",
     "plot_subspace_overlap",
-    "save_figure",
-    "new_figure",
 ]
 
 XiMode = Literal["exact", "two_step_full"]
@@ -321,25 +320,6 @@ def layer_alignment(
 # --------------------------------------------------------------------------------------------------
 # Plots (PNG, Agg canvas)
 # --------------------------------------------------------------------------------------------------
-
-
-def new_figure(width: float = 6.0, height: float = 4.0):
-    """A matplotlib figure on an Agg canvas (no pyplot, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG (parents created) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return path
 
 
 def _as_curves(values: torch.Tensor | Mapping[str, torch.Tensor], default: str) -> dict[str, torch.Tensor]:

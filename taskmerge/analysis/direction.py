@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from taskmerge.analysis.plotting import new_figure, save_figure
 from taskmerge.linalg import SVD, orthonormal_basis, project_out, svd
 
 __all__ = [
@@ -449,23 +450,6 @@ def layer_average(per_layer: Mapping[str, torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _figure(width: float = 6.0, height: float = 4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return path
-
-
 def plot_energy_spectra(
     spectra: Mapping[str, torch.Tensor],
     path: str | Path,
@@ -474,7 +458,7 @@ def plot_energy_spectra(
     log: bool = False,
 ) -> Path:
     """One curve per task of normalized singular values against their index (Fig. 1)."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for task, s in spectra.items():
         values = torch.as_tensor(s, dtype=torch.float64).cpu().numpy()
@@ -486,12 +470,12 @@ def plot_energy_spectra(
     ax.set_title(title)
     if spectra:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cossim_decomposition(dec: CosSimDecomposition, path: str | Path, *, title: str | None = None) -> Path:
     """Heat map of ``R(s,t)`` with both spectra alongside; the title gives CosSim and DirSim."""
-    fig = _figure(7.0, 6.0)
+    fig = new_figure(7.0, 6.0)
     grid = fig.add_gridspec(2, 2, width_ratios=(1, 4), height_ratios=(1, 4))
     ax = fig.add_subplot(grid[1, 1])
     R = dec.R.detach().cpu().numpy()
@@ -507,7 +491,7 @@ def plot_cossim_decomposition(dec: CosSimDecomposition, path: str | Path, *, tit
     left.invert_yaxis()
     left.set_ylabel("components of s")
     fig.suptitle(title or f"CosSim = {dec.cossim:.4f}, DirSim = {dec.dirsim:.4f}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_similarity_matrix(
@@ -519,7 +503,7 @@ def plot_similarity_matrix(
 ) -> Path:
     """Annotated T×T heat map (pairwise DirSim or CosSim)."""
     values = torch.as_tensor(matrix, dtype=torch.float64).cpu().numpy()
-    fig = _figure(1.0 + 0.6 * len(labels), 0.8 + 0.6 * len(labels))
+    fig = new_figure(1.0 + 0.6 * len(labels), 0.8 + 0.6 * len(labels))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(values, cmap="viridis", vmin=min(0.0, float(values.min())), vmax=1.0)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
@@ -529,7 +513,7 @@ def plot_similarity_matrix(
             ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_projected_dirsim(
@@ -542,7 +526,7 @@ def plot_projected_dirsim(
     """Grouped bars: for every task, the layer-averaged projected DirSim of each merge in ``values``."""
     import numpy as np
 
-    fig = _figure(max(6.0, 0.8 * len(tasks) + 2), 4.0)
+    fig = new_figure(max(6.0, 0.8 * len(tasks) + 2), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(values))
     x = np.arange(len(tasks))
@@ -556,7 +540,7 @@ def plot_projected_dirsim(
     ax.set_title(title)
     if values:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_dirsim_vs_nai(
@@ -574,7 +558,7 @@ def plot_dirsim_vs_nai(
     y = torch.as_tensor(nai_values, dtype=torch.float64).flatten().cpu().numpy()
     if x.shape != y.shape:
         raise ValueError(f"{x.size} DirSim values but {y.size} NAI values")
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     ax.scatter(x, y, s=14)
     if labels is not None:
@@ -587,4 +571,4 @@ def plot_dirsim_vs_nai(
     except ValueError:
         caption = "Pearson R undefined"
     ax.set_title(title or caption)
-    return _save(fig, path)
+    return save_figure(fig, path)

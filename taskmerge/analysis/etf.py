@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from taskmerge.analysis.alignment import new_figure, save_figure
+from taskmerge.analysis.plotting import new_figure, save_figure
 from taskmerge.analysis.direction import TaskVectors, matrix_layers
 from taskmerge.analysis.metrics import pearson_r
 from taskmerge.etf import etf_gram, etf_projector
