@@ -11,6 +11,17 @@ Example::
     # models may also be PEFT LoRA adapter folders; output_format: lora writes a LoRA adapter
     # output_format: lora
     # lora_rank: 16
+
+Data-based methods (``adamerging``, ``mda_am``, ``moma``; :mod:`taskmerge.databased`) also need a ``data``
+section: the frozen task heads and unlabeled inputs of every task (``options`` are then the data-based
+method's options and ``lambda`` the λ of the data-free start)::
+
+    method: moma
+    options: {base: task_arithmetic, steps: 200}
+    lambda: 0.3
+    data:
+      inputs: [texts/cars.txt, texts/dtd.txt, texts/eurosat.txt]   # one unlabeled text per line, per task
+      heads: [heads/cars.safetensors, ...]     # default: head.safetensors in or next to each model folder
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from taskmerge.errors import OptionError
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES
 from taskmerge.selection import DEFAULT_EXCLUDE, DEFAULT_MATRIX_EXCLUDE, TensorPolicy
 
-__all__ = ["MergeConfig", "load_config", "parse_size"]
+__all__ = ["MergeConfig", "DataConfig", "load_config", "parse_size"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -40,6 +51,38 @@ def parse_size(value: str | int) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise OptionError(f"option max_shard_size: cannot parse size {value!r} (e.g. 5GB, 500MiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+class DataConfig(BaseModel):
+    """The ``data`` section of a data-based merge (see :mod:`taskmerge.databased.cli`).
+
+    Attributes:
+        inputs: one text file per task, one unlabeled input per line.
+        tasks: alternatively, benchmark task names (:mod:`taskmerge.bench.datasets`): the texts of ``split``.
+        split: the benchmark split whose texts (labels dropped) are the unlabeled inputs.
+        heads: one head file per task (safetensors with ``weight`` and ``bias``); default: ``head.safetensors``
+            in each model folder or in its parent (the benchmark's checkpoint layout).
+        labeled: MDA-AM's class means: one ``label<TAB>text`` file per task; with ``tasks``, the benchmark's
+            validation split is used when this is omitted.
+        max_length: tokenisation length.
+        normalize: L2-normalise the pooled features (default: as the heads say, else true).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Path] | None = None
+    tasks: list[str] | None = None
+    split: Literal["train", "val", "test"] = "test"
+    heads: list[Path] | None = None
+    labeled: list[Path] | None = None
+    max_length: int = Field(48, ge=2)
+    normalize: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.inputs is None) == (self.tasks is None):
+            raise ValueError("give exactly one of inputs (text files) or tasks (benchmark task names)")
+        return self
 
 
 class MergeConfig(BaseModel):
@@ -65,6 +108,10 @@ class MergeConfig(BaseModel):
     output_format: Literal["dense", "lora"] = "dense"
     lora_rank: int | None = Field(default=None, ge=1)
     lora_drop_other: bool = False
+    resume: bool = False
+    workers: int | None = Field(default=None, ge=1)
+    executor: Literal["thread", "ray"] = "thread"
+    data: DataConfig | None = None
 
     @field_validator("max_shard_size", mode="before")
     @classmethod

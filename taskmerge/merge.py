@@ -9,10 +9,21 @@ statistics pass over all tensors.
 
 Entry points: :func:`merged_task_vector` / :func:`apply_task_vector` for in-memory state dicts (the
 benchmark's λ sweeps), and :func:`merge_checkpoints` for files and folders (the CLI).
+
+:func:`merge_checkpoints` streams end to end: safetensors inputs are read tensor by tensor with
+``pread`` (:mod:`taskmerge.io.streaming`; no memory map keeps read pages resident), the output's shards
+are planned up front and each merged tensor is written to its place in its shard at once
+(:class:`~taskmerge.io.writers.CheckpointWriter`), so memory holds only the tensors being merged: about
+T + 2 copies of the largest tensor per worker, plus the method's temporaries. Completed shards are
+journaled in ``<output>.partial`` and an interrupted merge resumes from them (``resume=True``). The
+per-tensor work (:class:`TensorMerger`) runs on an executor (:mod:`taskmerge.executors`): serial, a
+thread pool across tensors, or Ray; results are consumed in order, so the output bytes do not depend
+on it (see the executors' note on SVDs and intra-op threads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,13 +34,16 @@ import torch
 from tqdm.auto import tqdm
 
 from taskmerge.errors import CheckpointError, OptionError
+from taskmerge.executors import Executor, SerialExecutor, make_executor
 from taskmerge.io.readers import DictSource, TensorSource, open_checkpoint
+from taskmerge.io.streaming import streaming_source
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES, CheckpointWriter
 from taskmerge.linalg import LowRank
 from taskmerge.registry import LayerContext, MethodOptions, MethodSpec, get_method
 from taskmerge.selection import TensorClass, TensorPolicy
 
-__all__ = ["MergeRequest", "iter_merged", "merged_task_vector", "apply_task_vector", "merge_checkpoints"]
+__all__ = ["MergeRequest", "TensorMerger", "iter_merged", "merged_task_vector", "apply_task_vector", "merge_checkpoints",
+           "input_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +113,21 @@ def _check_sources(base: TensorSource, tasks: Sequence[TensorSource]) -> list[st
     return names
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN / Inf in ``t``: its min and max are finite (NaN propagates through both). One pass, no
+    temporary: far faster than ``isfinite(t).all()``, which builds a boolean tensor."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
 def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], req: MergeRequest) -> torch.Tensor:
     """Stack ``Δ_t = θ_t − θ₀`` for one tensor, in the compute dtype, checking for NaN / Inf.
 
     A source that knows its update exactly (a PEFT adapter: ``task_update(name, dtype)`` returns
-    ``scale·B A``) supplies it directly instead of the rounded difference ``θ_t − θ₀``.
+    ``scale·B A``) supplies it directly instead of the rounded difference ``θ_t − θ₀``. Memory: the
+    ``T`` updates, θ₀ in the compute dtype and one task's tensor as stored (converted in place).
     """
     b = base.to(device=req.device, dtype=req.compute_dtype)
     deltas = torch.empty((len(tasks), *b.shape), dtype=req.compute_dtype, device=req.device)
@@ -112,8 +136,9 @@ def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], 
         if exact is not None:
             deltas[i] = exact(name, req.compute_dtype).to(device=req.device)
         else:
-            torch.sub(src.get(name).to(device=req.device, dtype=req.compute_dtype), b, out=deltas[i])
-        if not torch.isfinite(deltas[i]).all():
+            deltas[i].copy_(src.get(name))  # the same values as .to(compute dtype), without a temporary
+            deltas[i].sub_(b)
+        if not _all_finite(deltas[i]):
             raise CheckpointError(f"{src.location(name)}: task vector of tensor {name!r} contains NaN or Inf")
     return deltas
 
@@ -146,50 +171,135 @@ def _merge_one(name: str, cls: TensorClass, deltas: torch.Tensor, req: MergeRequ
     merged = req.spec.fn(deltas, req.options, ctx)
     if merged.shape != deltas.shape[1:]:
         raise RuntimeError(f"method {req.spec.name!r} returned shape {tuple(merged.shape)} for tensor {name!r}")
-    if not torch.isfinite(merged).all():
+    if not _all_finite(merged):
         raise OptionError(f"method {req.spec.name!r} produced NaN or Inf for tensor {name!r}; check its options")
     return merged
 
 
-def _statistic_pass(base: TensorSource, tasks: Sequence[TensorSource], names: list[str],
-                    classes: dict[str, TensorClass], req: MergeRequest, progress: bool) -> Any:
+class TensorMerger:
+    """The engine's per-tensor work, as an executor runs it: one call per tensor name.
+
+    ``update((name, cls))`` returns ``(θ₀, τ)`` (τ on the CPU in the compute dtype, ``None`` for a kept
+    tensor), ``output((name, cls))`` the merged tensor as written (``θ₀ + λ·τ`` in the output dtype), and
+    ``collect((name, cls))`` a model-level statistic's summary of the tensor. Each call reads the tensor
+    from the base and the T models and frees everything but its result, so its peak is about T + 2
+    copies of the tensor in the compute dtype plus the method's own temporaries.
+
+    A merger built with ``paths`` pickles without its open readers and re-opens the checkpoints by path
+    where it is unpickled (a Ray worker).
+    """
+
+    def __init__(self, base: TensorSource, tasks: Sequence[TensorSource], req: MergeRequest, *, state: Any = None,
+                 lam: float = 1.0, out_dtype: torch.dtype | None = None,
+                 paths: tuple[str, tuple[str, ...]] | None = None) -> None:
+        self.base = base
+        self.tasks = list(tasks)
+        self.req = req
+        self.state = state
+        self.lam = lam
+        self.out_dtype = out_dtype
+        self.paths = paths
+        self._stat: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        if self.paths is not None:
+            d["base"], d["tasks"] = None, None
+        d["_stat"] = None
+        return d
+
+    def _sources(self) -> tuple[TensorSource, Sequence[TensorSource]]:
+        if self.base is None:
+            assert self.paths is not None
+            base = streaming_source(open_checkpoint(self.paths[0]))
+            self.tasks = [streaming_source(open_checkpoint(m, base=base)) for m in self.paths[1]]
+            self.base = base
+        return self.base, self.tasks
+
+    def update(self, item: tuple[str, TensorClass]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        name, cls = item
+        base, tasks = self._sources()
+        theta0 = base.get(name)
+        if cls is TensorClass.KEEP:
+            return theta0, None
+        deltas = _task_updates(name, theta0, tasks, self.req)
+        merged = _merge_one(name, cls, deltas, self.req, self.state, tasks)
+        del deltas
+        return theta0, merged.cpu()
+
+    def output(self, item: tuple[str, TensorClass]) -> torch.Tensor:
+        theta0, tau = self.update(item)
+        value = _scaled(theta0, tau, self.lam)
+        del tau
+        if self.out_dtype is not None and value.dtype.is_floating_point:
+            value = value.to(self.out_dtype)
+        return value
+
+    def collect(self, item: tuple[str, TensorClass]) -> Any:
+        name, cls = item
+        base, tasks = self._sources()
+        if self._stat is None:
+            self._stat = self.req.spec.statistic_for(self.req.options)
+        deltas = _task_updates(name, base.get(name), tasks, self.req)
+        if getattr(self._stat, "wants_context", False):
+            return self._stat.collect(name, deltas, self.req.options, _layer_context(name, cls, self.req, None, tasks))
+        return self._stat.collect(name, deltas, self.req.options)
+
+
+def _statistic_pass(merger: TensorMerger, names: Sequence[str], classes: Mapping[str, TensorClass],
+                    executor: Executor, progress: bool) -> Any:
+    """The first pass of a model-level method: every merged tensor's summary, then ``finalize``."""
+    req = merger.req
     stat = req.spec.statistic_for(req.options)
     if stat is None:
         return None
-    collected: dict[str, Any] = {}
-    todo = [n for n in names if classes[n] is not TensorClass.KEEP
+    todo = [(n, classes[n]) for n in names if classes[n] is not TensorClass.KEEP
             and not (req.spec.matrix_only and classes[n] is not TensorClass.MATRIX)]
-    with_ctx = bool(getattr(stat, "wants_context", False))
-    for name in tqdm(todo, desc=f"{req.spec.name}: statistics", disable=not progress, unit="tensor"):
-        deltas = _task_updates(name, base.get(name), tasks, req)
-        if with_ctx:
-            collected[name] = stat.collect(name, deltas, req.options, _layer_context(name, classes[name], req, None, tasks))
-        else:
-            collected[name] = stat.collect(name, deltas, req.options)
+    results = executor.map(merger.collect, todo, **_budget(merger.base, todo))
+    collected = {name: r for (name, _), r in zip(todo, tqdm(results, total=len(todo), desc=f"{req.spec.name}: statistics",
+                                                            disable=not progress, unit="tensor"))}
     return stat.finalize(collected, req.options)
 
 
-def iter_merged(
-    base: TensorSource, tasks: Sequence[TensorSource], req: MergeRequest, *, progress: bool = False
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(name, base_tensor, merged_update)`` for each base tensor.
+def _budget(base: TensorSource, items: Sequence[tuple[str, TensorClass]]) -> dict[str, Any]:
+    """An executor's ``cost`` (a tensor's element count) and ``budget`` (the largest count) for ``items``:
+    tensors run side by side only while their sizes add up to at most the largest one's."""
+    sizes = {}
+    for name, _ in items:
+        n = 1
+        for d in base.meta(name)[0]:
+            n *= int(d)
+        sizes[name] = n
+    return {"cost": lambda item: sizes[item[0]], "budget": max(sizes.values(), default=0)}
 
-    The update is ``None`` for tensors kept at the base value; otherwise a float tensor (compute dtype)
-    on the CPU, before scaling by λ.
-    """
+
+def _prepare(base: TensorSource, tasks: Sequence[TensorSource], req: MergeRequest) -> tuple[list[str], dict[str, TensorClass]]:
     names = _check_sources(base, tasks)
     classes = {n: req.policy.classify(n, *base.meta(n)) for n in names}
     if all(c is TensorClass.KEEP for c in classes.values()):
         raise OptionError("no tensor is selected for merging: check the include / exclude patterns")
-    state = _statistic_pass(base, tasks, names, classes, req, progress)
-    for name in tqdm(names, desc=f"{req.spec.name}: merging", disable=not progress, unit="tensor"):
-        cls = classes[name]
-        theta0 = base.get(name)
-        if cls is TensorClass.KEEP:
-            yield name, theta0, None
-            continue
-        deltas = _task_updates(name, theta0, tasks, req)
-        yield name, theta0, _merge_one(name, cls, deltas, req, state, tasks).cpu()
+    return names, classes
+
+
+def iter_merged(
+    base: TensorSource, tasks: Sequence[TensorSource], req: MergeRequest, *, progress: bool = False,
+    executor: Executor | None = None,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(name, base_tensor, merged_update)`` for each base tensor, in the base's order.
+
+    The update is ``None`` for tensors kept at the base value; otherwise a float tensor (compute dtype)
+    on the CPU, before scaling by λ. ``executor`` (default: serial) runs the per-tensor merges, e.g. a
+    :class:`taskmerge.executors.ThreadExecutor`; the results are the same whatever it is.
+    """
+    names, classes = _prepare(base, tasks, req)
+    executor = executor or SerialExecutor()
+    merger = TensorMerger(base, tasks, req)
+    merger.state = _statistic_pass(merger, names, classes, executor, progress)
+    items = [(n, classes[n]) for n in names]
+    results = executor.map(merger.update, items, **_budget(base, items))
+    for name, (theta0, tau) in zip(names, tqdm(results, total=len(items), desc=f"{req.spec.name}: merging",
+                                               disable=not progress, unit="tensor")):
+        yield name, theta0, tau
 
 
 def merged_task_vector(
@@ -203,12 +313,18 @@ def merged_task_vector(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    workers: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """The merged update τ (before λ) of in-memory state dicts; tensors kept at the base are absent."""
+    """The merged update τ (before λ) of in-memory state dicts; tensors kept at the base are absent.
+
+    ``workers > 1`` merges that many tensors at once on a thread pool (same result).
+    """
     req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
     base = DictSource(base_sd, "base state dict")
     tasks = [DictSource(sd, f"task state dict {i}") for i, sd in enumerate(task_sds)]
-    return {name: tau for name, _, tau in iter_merged(base, tasks, req, progress=progress) if tau is not None}
+    with contextlib.closing(make_executor("thread", workers)) as executor:
+        return {name: tau for name, _, tau in iter_merged(base, tasks, req, progress=progress, executor=executor)
+                if tau is not None}
 
 
 def apply_task_vector(
@@ -219,10 +335,53 @@ def apply_task_vector(
 
 
 def _scaled(theta0: torch.Tensor, tau: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """``θ₀ + λ·τ`` in τ's dtype, cast back to θ₀'s dtype; θ₀ itself when τ is ``None``."""
+    """``θ₀ + λ·τ`` in τ's dtype, cast back to θ₀'s dtype; θ₀ itself when τ is ``None``.
+
+    Computed as ``(λ·τ) += θ₀`` (one temporary; the same values as ``θ₀.to(τ.dtype) + λ·τ``: the
+    conversion is exact and the addition commutative).
+    """
     if tau is None:
         return theta0
-    return (theta0.to(tau.dtype) + lam * tau).to(theta0.dtype)
+    out = torch.mul(tau, lam)
+    other = theta0.to(out.device)
+    if other.dtype.itemsize > out.dtype.itemsize:  # round θ₀ to τ's dtype first, as the formula does
+        other = other.to(out.dtype)
+    out.add_(other)
+    return out.to(theta0.dtype)
+
+
+def _file_identity(path: Path) -> list[Any]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def input_identity(path: str | Path) -> dict[str, Any]:
+    """What identifies a checkpoint for ``--resume``: its absolute path and every file's size and
+    modification time (contents are not hashed: that would read every byte twice)."""
+    p = Path(path).resolve()
+    if p.is_file():
+        return {"path": str(p), "files": {p.name: _file_identity(p)}}
+    files = {str(f.relative_to(p)): _file_identity(f) for f in sorted(p.rglob("*")) if f.is_file()}
+    return {"path": str(p), "files": files}
+
+
+def _request_description(base: str | Path, models: Sequence[str | Path], req: MergeRequest, lam: float,
+                         output_dtype: str | None, max_shard_bytes: int) -> dict[str, Any]:
+    """The merge request as recorded in the resume journal (its digest must match to resume)."""
+    return {
+        "format": 1,
+        "method": req.spec.name,
+        "options": req.options.model_dump(mode="json"),
+        "lambda": repr(lam),
+        "policy": {"include": req.policy.include, "exclude": list(req.policy.exclude),
+                   "matrix_exclude": list(req.policy.matrix_exclude)},
+        "compute_dtype": str(req.compute_dtype),
+        "output_dtype": output_dtype,
+        "seed": req.seed,
+        "max_shard_bytes": max_shard_bytes,
+        "base": input_identity(base),
+        "models": [input_identity(m) for m in models],
+    }
 
 
 def merge_checkpoints(
@@ -244,6 +403,9 @@ def merge_checkpoints(
     output_format: str = "dense",
     lora_rank: int | None = None,
     lora_drop_other: bool = False,
+    resume: bool = False,
+    workers: int | None = None,
+    executor: str | Executor = "thread",
 ) -> Path:
     """Merge checkpoint files / folders and write the result atomically.
 
@@ -259,6 +421,16 @@ def merge_checkpoints(
         output_format: ``dense`` (a merged model) or ``lora`` (a rank-``lora_rank`` PEFT adapter of ``base``
             holding ``λ·τ``, see :mod:`taskmerge.io.lora_export`; ``lora_drop_other`` drops changed tensors
             a LoRA adapter cannot hold instead of failing).
+        resume: continue an interrupted merge of the same request from the shards completed in
+            ``<output>.partial`` (see :mod:`taskmerge.io.writers`); a different request is refused.
+        workers: tensors merged at once (``None``: :func:`taskmerge.executors.default_workers` threads;
+            with Ray, the cluster's CPUs).
+        executor: ``thread`` (a CPU thread pool, serial for one worker), ``ray``, or an
+            :class:`~taskmerge.executors.Executor`.
+
+    Dense output streams: shards are planned up front and every tensor is written to its place in its
+    shard as soon as it is merged, so memory holds only the tensors being merged (about T + 2 copies of
+    the largest tensor per worker, plus the method's temporaries), whatever the model and shard size.
     """
     if output_format not in ("dense", "lora"):
         raise OptionError(f"option output_format: expected dense or lora, got {output_format!r}")
@@ -267,6 +439,8 @@ def merge_checkpoints(
 
         if lora_rank is None:
             raise OptionError("option lora_rank: required with output_format lora (e.g. --lora-rank 16)")
+        if resume:
+            raise OptionError("option resume: not supported with output_format lora")
         return merge_to_lora(
             base, models, output, method, options, rank=lora_rank, lam=lam, policy=policy,
             compute_dtype=compute_dtype, output_dtype=output_dtype, device=device, seed=seed,
@@ -275,16 +449,38 @@ def merge_checkpoints(
     req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
     lam = req.spec.default_lambda if lam is None else float(lam)
     out_dtype = _output_dtype(output_dtype)
-    base_reader = open_checkpoint(base)
-    readers = [open_checkpoint(m, base=base_reader) for m in models]
-    with CheckpointWriter(output, overwrite=overwrite, copy_from=base, max_shard_bytes=max_shard_bytes,
-                          metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)}) as writer:
-        for name, theta0, tau in iter_merged(base_reader, readers, req, progress=progress):
-            value = _scaled(theta0, tau, lam)
-            if out_dtype is not None and value.dtype.is_floating_point:
-                value = value.to(out_dtype)
-            writer.add(name, value)
-        return writer.commit()
+    if executor == "ray" and req.device.type != "cpu":
+        raise OptionError("option device: the Ray executor runs on CPUs only")
+    base_reader = streaming_source(open_checkpoint(base))
+    readers = [streaming_source(open_checkpoint(m, base=base_reader)) for m in models]
+    names, classes = _prepare(base_reader, readers, req)
+    plan = []
+    for name in names:
+        shape, dtype = base_reader.meta(name)
+        plan.append((name, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype))
+    merger = TensorMerger(base_reader, readers, req, lam=lam, out_dtype=out_dtype,
+                          paths=(str(base), tuple(str(m) for m in models)))
+    request = _request_description(base, models, req, lam, output_dtype, max_shard_bytes)
+    own_executor = isinstance(executor, str)
+    pool = make_executor(executor, workers) if isinstance(executor, str) else executor
+    try:
+        with CheckpointWriter(output, overwrite=overwrite, copy_from=base, max_shard_bytes=max_shard_bytes,
+                              metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)},
+                              request=request, resume=resume) as writer:
+            done = writer.plan(plan)
+            todo = [n for n in names if n not in done]
+            if any(classes[n] is not TensorClass.KEEP for n in todo):
+                merger.state = _statistic_pass(merger, names, classes, pool, progress)
+            items = [(n, classes[n]) for n in todo]
+            results = pool.map(merger.output, items, **_budget(base_reader, items))
+            for name, value in zip(todo, tqdm(results, total=len(todo), desc=f"{req.spec.name}: merging",
+                                              disable=not progress, unit="tensor")):
+                writer.add(name, value)
+                del value
+            return writer.commit()
+    finally:
+        if own_executor:
+            pool.close()
 
 
 def _output_dtype(name: str | None) -> torch.dtype | None:

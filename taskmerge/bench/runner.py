@@ -225,6 +225,10 @@ def run_benchmark(
 
     for method in methods:
         spec = get_method(method)
+        if "num_classes" in getattr(spec.options, "model_fields", {}) and "num_classes" not in (method_options.get(method) or {}):
+            # MDA's ETF size C comes from the merged tasks' class counts.
+            method_options[method] = {**(method_options.get(method) or {}),
+                                      "num_classes": [len(data[n].labels) for n in task_names]}
         grid = [float(x) for x in (lam_grid if lam_grid is not None else spec.lambda_grid or (spec.default_lambda,))]
         t0 = time.perf_counter()
         tau = merged_task_vector(base_sd, task_sds, method, method_options.get(method))

@@ -1,0 +1,443 @@
+"""Data-based methods on the offline benchmark (:mod:`taskmerge.bench`): the runner hook and a standalone driver.
+
+* :func:`evaluate_databased` — run one data-based method on already loaded benchmark pieces (backbone, task
+  data, heads, state dicts, evaluator) and report per-task test accuracy, absolute and normalised, in the
+  shape of :func:`taskmerge.bench.runner.run_benchmark`'s per-method results. This is the hook for the runner.
+* :func:`run_databased` — everything end to end: load (or fine-tune, cached) the checkpoints, choose each
+  data-free starting point's λ on validation (the runner's protocol), run the data-based configurations,
+  and write ``<out_dir>/<stem>.json`` + ``.md`` (methods × tasks, absolute and normalised, Δ vs the start).
+
+Protocol. Unlabeled inputs are the texts of ``adapt_split`` with their labels dropped — ``"test"`` by default,
+the papers' test-time-adaptation setting (AdaMerging, MDA, MOMA all adapt on the unlabeled test inputs they
+are scored on); ``"train"`` or ``"val"`` adapts on held-out texts instead. No data-based method sees a label,
+except MDA-AM's class means, which use the **validation** split's labels (never test labels). Each method
+starts from its data-free counterpart at the λ that counterpart chose on validation: AdaMerging from Task
+Arithmetic, MDA-AM from MDA-TA (Task Arithmetic for the ``parameter_alignment=False`` ablation), MOMA from
+its ``base`` (WA / TA / TIES).
+
+``python -m taskmerge.databased.bench --help`` runs it from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
+from taskmerge.databased.loop import FunctionalEncoder, LabeledInputs, TokenInputs, mean_pool_features
+
+__all__ = ["evaluate_databased", "run_databased", "combine_results", "markdown_table", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _summary(acc: Mapping[str, float], ft: Mapping[str, float]) -> dict[str, Any]:
+    norm = {n: acc[n] / ft[n] for n in acc}
+    return {"test": dict(acc), "normalized_test": norm, "avg_test": _mean(list(acc.values())),
+            "avg_normalized_test": _mean(list(norm.values()))}
+
+
+def _accuracies(evaluator: Any, state: Mapping[str, torch.Tensor], heads: Mapping[str, Any],
+                data: Mapping[str, Any], split: str) -> dict[str, float]:
+    evaluator.load(state)
+    return {n: evaluator.accuracy(heads[n], data[n].split(split)) for n in heads}
+
+
+def evaluate_databased(
+    method: str,
+    *,
+    backbone: Any,
+    data: Mapping[str, Any],
+    heads: Mapping[str, Any],
+    base_sd: Mapping[str, torch.Tensor],
+    task_sds: Sequence[Mapping[str, torch.Tensor]],
+    evaluator: Any,
+    ft_test: Mapping[str, float],
+    start_lambda: float,
+    start_vector: Mapping[str, torch.Tensor] | None = None,
+    options: Mapping[str, Any] | None = None,
+    adapt_split: str = "test",
+    max_length: int = 48,
+    val_split: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run data-based ``method`` on the benchmark's pieces and report test accuracy (see the module docstring).
+
+    Args:
+        method: ``adamerging``, ``mda_am`` or ``moma``.
+        backbone: the :class:`taskmerge.bench.backbone.Backbone` (its model is the architecture, its tokenizer
+            tokenises the unlabeled texts).
+        data: ``{task: TaskData}`` of the merged tasks, in the order of ``task_sds``.
+        heads: ``{task: Head}`` (the frozen LP heads stored with the checkpoints).
+        base_sd, task_sds: θ₀ and the fine-tuned encoders.
+        evaluator: a :class:`taskmerge.bench.evaluate.Evaluator` of the backbone.
+        ft_test: each task's fine-tuned test accuracy (the normaliser).
+        start_lambda: the λ the starting data-free method chose on validation (initialises λ / sets MOMA's λ).
+        start_vector: the starting method's merged task vector, if already computed (layer-wise MDA-AM, MOMA).
+        options: the method's options (fields of its options class).
+        adapt_split: which split's texts (labels dropped) are the unlabeled inputs.
+        max_length: tokenisation length (the recipe's).
+        val_split: MDA-AM: class means from the validation split's labels (else pseudo-labels).
+        progress: progress bar of the training loop (unless ``options`` sets ``progress``).
+
+    Returns:
+        ``test`` / ``normalized_test`` per task and their averages, ``val`` per task, the start method and λ,
+        the loss history (``loss``: per step; ``loss_curve``: smoothed, every 5th step), ``info`` and seconds.
+    """
+    spec = get_data_method(method)
+    names = list(data)
+    normalize = {bool(getattr(heads[n], "normalize", True)) for n in names}
+    if len(normalize) != 1:
+        raise ValueError("all heads must agree on feature normalisation")
+    opts = dict(options or {})
+    parsed = parse_data_options(method, opts)
+    key = {"adamerging": "init_lambda", "mda_am": "init_lambda", "moma": "lam"}[method]
+    opts.setdefault(key, float(start_lambda))
+    opts.setdefault("progress", progress)
+    opts = parse_data_options(method, opts)
+    tok = backbone.tokenizer
+    inputs = [TokenInputs.from_texts(tok, [t for t, _ in data[n].split(adapt_split)], max_length) for n in names]
+    encoder = FunctionalEncoder(backbone.model, base_sd, mean_pool_features(normalize.pop()))
+    head_list = [heads[n] for n in names]
+    kwargs: dict[str, Any] = {"encoder": encoder}
+    if method == "mda_am":
+        if val_split:
+            kwargs["labeled"] = [LabeledInputs(TokenInputs.from_texts(tok, [t for t, _ in data[n].val], max_length),
+                                               torch.tensor([y for _, y in data[n].val])) for n in names]
+        if start_vector is not None and getattr(parsed, "granularity", "layer") == "layer":
+            kwargs["start_vector"] = start_vector
+    if method == "moma" and start_vector is not None:
+        kwargs["start_vector"] = start_vector
+    t0 = time.perf_counter()
+    result = spec.fn(base_sd, task_sds, head_list, inputs, opts, **kwargs)
+    seconds = time.perf_counter() - t0
+    new_heads = dict(zip(names, result.heads))
+    test = _accuracies(evaluator, result.state_dict, new_heads, data, "test")
+    val = {n: evaluator.accuracy(new_heads[n], data[n].val) for n in names}
+    hist = result.history
+    smooth = hist.smoothed(10)
+    info = {k: v for k, v in result.info.items() if k != "lambdas" and not isinstance(v, torch.Tensor)}
+    lam_table = result.info.get("lambdas")
+    if lam_table:
+        flat = [x for row in lam_table.values() for x in row]
+        info["lambda_stats"] = {"min": min(flat), "max": max(flat), "mean": _mean(flat)}
+        rows = list(lam_table.values())
+        info["lambda_mean_per_vector"] = [_mean([r[i] for r in rows]) for i in range(len(rows[0]))]
+    return {
+        **_summary(test, ft_test),
+        "val": val,
+        "method": method,
+        "start_method": start_method(method, parsed),
+        "start_lambda": float(start_lambda),
+        "adapt_split": adapt_split,
+        "options": opts.model_dump(),
+        "loss": hist.loss,
+        "loss_parts": hist.parts,
+        "loss_curve": smooth[::5] + ([smooth[-1]] if smooth and (len(smooth) - 1) % 5 else []),
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / max(1, len(hist.loss)),
+        "info": info,
+    }
+
+
+def run_databased(
+    configs: Sequence[Mapping[str, Any]],
+    tasks: int | str | Sequence[str] = 8,
+    recipe: Any = "full",
+    *,
+    backbone: Any = "minilm",
+    seed: int = 0,
+    start_lambdas: Mapping[str, float] | None = None,
+    start_options: Mapping[str, Mapping[str, Any]] | None = None,
+    lam_grids: Mapping[str, Sequence[float]] | None = None,
+    patience: int | None = 3,
+    adapt_split: str = "test",
+    out_dir: str | Path | None = "results",
+    stem: str = "databased",
+    cache: Path | None = None,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run data-based configurations on the benchmark (module docstring).
+
+    Args:
+        configs: ``[{"name": row name, "method": adamerging|mda_am|moma, "options": {...}}, ...]``.
+        tasks, recipe, backbone, seed, cache, num_threads, progress: as :func:`taskmerge.bench.runner.run_benchmark`.
+        start_lambdas: λ of data-free starting methods already chosen (skips their validation sweep).
+        start_options: options of the data-free starting methods (``mda_ta``'s ``num_classes`` is filled in).
+        lam_grids: λ grids of the starting methods' sweeps (default: the registry's).
+        patience: stop a sweep after this many grid points without a new best (``None``: whole grid).
+        adapt_split: the split whose texts are the unlabeled inputs (default ``"test"``, the papers' protocol).
+        out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md`` (``out_dir=None``: nothing written).
+    """
+    from tqdm.auto import tqdm
+
+    from taskmerge.bench.backbone import load_backbone
+    from taskmerge.bench.datasets import load_task, resolve_tasks
+    from taskmerge.bench.evaluate import Evaluator
+    from taskmerge.bench.finetune import configure_threads, finetune, get_recipe
+    from taskmerge.bench.runner import machine_info, sweep_lambda
+    from taskmerge.merge import apply_task_vector, merged_task_vector
+    from taskmerge.registry import get_method
+
+    t_start = time.perf_counter()
+    configure_threads(num_threads)
+    names = resolve_tasks(tasks)
+    recipe = get_recipe(recipe)
+    bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
+    data = {n: load_task(n, seed) for n in names}
+    checkpoints = {n: finetune(bb, data[n], recipe, cache=cache, progress=progress) for n in names}
+    heads = {n: ck.head for n, ck in checkpoints.items()}
+    base_sd = bb.state_dict()
+    task_sds = [checkpoints[n].state_dict() for n in names]
+    ev = Evaluator(bb.model, bb.tokenizer, max_length=recipe.max_length)
+    ft_val, ft_test = {}, {}
+    for n, sd in zip(names, task_sds):
+        ev.load(sd)
+        ft_val[n] = ev.accuracy(heads[n], data[n].val)
+        ft_test[n] = ev.accuracy(heads[n], data[n].test)
+    pre_test = _accuracies(ev, base_sd, heads, data, "test")
+    results: dict[str, Any] = {
+        "pretrained": _summary(pre_test, ft_test),
+        "finetuned": {"test": ft_test, "val": ft_val, "avg_test": _mean(list(ft_test.values()))},
+        "starts": {},
+        "methods": {},
+    }
+    counts = [data[n].num_classes for n in names]
+    s_opts = {k: dict(v) for k, v in (start_options or {}).items()}
+    s_opts.setdefault("mda_ta", {}).setdefault("num_classes", counts)
+    known = dict(start_lambdas or {})
+    vectors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def start(method: str) -> tuple[float, dict[str, torch.Tensor]]:
+        if method in vectors:
+            return results["starts"][method]["lambda"], vectors[method]
+        t0 = time.perf_counter()
+        tau = merged_task_vector(base_sd, task_sds, method, s_opts.get(method))
+        curve: list[dict[str, Any]] = []
+        if method in known:
+            lam = float(known[method])
+        else:
+            grid = list((lam_grids or {}).get(method) or get_method(method).lambda_grid or (get_method(method).default_lambda,))
+
+            def score(lam: float) -> tuple[float, dict[str, float]]:
+                val = _accuracies(ev, apply_task_vector(base_sd, tau, lam), heads, data, "val")
+                return _mean([val[n] / ft_val[n] for n in names]), val
+
+            lam, _, curve = sweep_lambda(list(tqdm(grid, desc=f"λ sweep {method}", disable=not progress, leave=False)),
+                                         score, patience)
+        test = _accuracies(ev, apply_task_vector(base_sd, tau, lam), heads, data, "test")
+        results["starts"][method] = {**_summary(test, ft_test), "lambda": lam, "options": s_opts.get(method, {}),
+                                     "val_curve": curve, "seconds": time.perf_counter() - t0}
+        logger.info("start %s: λ=%g test avg %.4f (normalized %.4f)", method, lam,
+                    results["starts"][method]["avg_test"], results["starts"][method]["avg_normalized_test"])
+        vectors[method] = tau
+        return lam, tau
+
+    for cfg in configs:
+        method = cfg["method"]
+        if method not in DATA_METHODS:
+            raise KeyError(f"unknown data-based method {method!r}")
+        opts = dict(cfg.get("options") or {})
+        parsed = parse_data_options(method, opts)
+        smethod = start_method(method, parsed)
+        if method == "moma" and parsed.base_options:
+            s_opts.setdefault(smethod, dict(parsed.base_options))
+        lam, tau = start(smethod)
+        if method == "mda_am" and smethod == "mda_ta":
+            opts.setdefault("mda_options", s_opts["mda_ta"])
+        res = evaluate_databased(method, backbone=bb, data=data, heads=heads, base_sd=base_sd, task_sds=task_sds,
+                                 evaluator=ev, ft_test=ft_test, start_lambda=lam, start_vector=tau, options=opts,
+                                 adapt_split=cfg.get("adapt_split", adapt_split), max_length=recipe.max_length,
+                                 progress=progress)
+        start_res = results["starts"][smethod]
+        res["delta_avg_test"] = res["avg_test"] - start_res["avg_test"]
+        res["delta_avg_normalized_test"] = res["avg_normalized_test"] - start_res["avg_normalized_test"]
+        results["methods"][cfg.get("name", method)] = res
+        logger.info("%s: test avg %.4f (normalized %.4f), Δ vs %s %+.4f", cfg.get("name", method), res["avg_test"],
+                    res["avg_normalized_test"], smethod, res["delta_avg_test"])
+        if out_dir is not None:  # write after every configuration, so a long run leaves partial results
+            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info())
+    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info())
+
+
+def _write(results: dict[str, Any], names: list[str], recipe: Any, bb: Any, seed: int, t_start: float,
+           out_dir: str | Path | None, stem: str, machine: Mapping[str, Any]) -> dict[str, Any]:
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": dict(machine),
+        "backbone": {"name": bb.name, "identity": bb.identity},
+        "recipe": recipe.to_dict(),
+        "seed": seed,
+        "tasks": names,
+        "seconds": time.perf_counter() - t_start,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        (out / f"{stem}.md").write_text(markdown_table(results), encoding="utf-8")
+    return results
+
+
+def combine_results(paths: Sequence[str | Path], out_dir: str | Path | None = None, stem: str = "databased",
+                    order: Sequence[str] | None = None) -> dict[str, Any]:
+    """Merge the JSON outputs of several :func:`run_databased` runs on the same tasks and checkpoints into one
+    table (starts and method rows of later files win on name clashes; ``order`` lists method rows first)."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    if not runs:
+        raise ValueError("nothing to combine")
+    tasks = runs[0]["meta"]["tasks"]
+    for p, r in zip(paths, runs):
+        if r["meta"]["tasks"] != tasks or r["meta"]["recipe"] != runs[0]["meta"]["recipe"]:
+            raise ValueError(f"{p}: different tasks or recipe")
+        if r["finetuned"]["test"] != runs[0]["finetuned"]["test"]:
+            raise ValueError(f"{p}: different fine-tuned checkpoints")
+    out: dict[str, Any] = {"pretrained": runs[0]["pretrained"], "finetuned": runs[0]["finetuned"], "starts": {},
+                           "methods": {}}
+    for r in runs:
+        out["starts"].update(r["starts"])
+        out["methods"].update(r["methods"])
+    if order:
+        out["methods"] = {k: out["methods"][k] for k in [*order, *out["methods"]] if k in out["methods"]}
+    out["meta"] = {**runs[-1]["meta"], "seconds": sum(r["meta"]["seconds"] for r in runs),
+                   "combined_from": [str(p) for p in paths]}
+    if out_dir is not None:
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        (d / f"{stem}.md").write_text(markdown_table(out), encoding="utf-8")
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """Absolute and normalised test accuracy per task: pretrained, fine-tuned, data-free starts, data-based rows."""
+    from taskmerge.bench.runner import SHORT_NAMES
+
+    meta = results["meta"]
+    tasks = meta["tasks"]
+    cols = [SHORT_NAMES.get(t, t) for t in tasks]
+    m = meta["machine"]
+    lines = [
+        f"# Data-based merging on the taskmerge benchmark: {meta['backbone']['name']}, {len(tasks)} tasks",
+        "",
+        f"- Date: {meta['date']}; machine: {m.get('platform')}, CPU {m.get('cpu')} ({m.get('cpu_count')} logical CPUs, "
+        f"{m.get('torch_threads')} torch threads), torch {m.get('torch')}",
+        f"- Recipe: LP-FT {meta['recipe']['kind']}, {meta['recipe']['steps']} steps; data seed {meta['seed']}; "
+        f"wall time {meta['seconds']:.0f} s",
+        "- Data-free starts: λ chosen on validation (average normalised accuracy). Data-based rows start from the "
+        "start named in their row at that λ and adapt on the unlabeled texts of the split named in the row "
+        "(labels dropped); MDA-AM's class means use validation labels only.",
+        "",
+        "## Absolute test accuracy (%)",
+        "",
+        "| Method | start (λ) | split | steps | " + " | ".join(cols) + " | Avg | Δ vs start |",
+        "|---|---|---|---|" + "---|" * (len(cols) + 2),
+    ]
+    pre, ft = results["pretrained"], results["finetuned"]
+    lines.append("| Pretrained (LP heads) | – | – | – | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
+                 + f" | {_pct(pre['avg_test'])} | |")
+    lines.append("| Fine-tuned (individual) | – | – | – | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
+                 + f" | {_pct(ft['avg_test'])} | |")
+    for name, r in results["starts"].items():
+        lines.append(f"| {name} (data-free) | λ={r['lambda']:g} | – | – | " + " | ".join(_pct(r["test"][t]) for t in tasks)
+                     + f" | {_pct(r['avg_test'])} | |")
+    for name, r in results["methods"].items():
+        d = 100 * r["delta_avg_test"]
+        lines.append(f"| {name} | {r['start_method']} ({r['start_lambda']:g}) | {r['adapt_split']} | {r['options']['steps']} | "
+                     + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | {d:+.1f} |")
+    lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
+              "| Method | " + " | ".join(cols) + " | Avg | Δ vs start |", "|---|" + "---|" * (len(cols) + 2)]
+    lines.append("| Pretrained (LP heads) | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
+                 + f" | {_pct(pre['avg_normalized_test'])} | |")
+    for name, r in results["starts"].items():
+        lines.append(f"| {name} (data-free) | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
+                     + f" | {_pct(r['avg_normalized_test'])} | |")
+    for name, r in results["methods"].items():
+        d = 100 * r["delta_avg_normalized_test"]
+        lines.append(f"| {name} | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
+                     + f" | {_pct(r['avg_normalized_test'])} | {d:+.1f} |")
+    lines += ["", "## Training", "", "| Method | steps | s/step | first loss | last loss (10-step mean) | notes |",
+              "|---|---|---|---|---|---|"]
+    for name, r in results["methods"].items():
+        loss = r["loss"]
+        last = _mean(loss[-10:]) if loss else float("nan")
+        info = r.get("info", {})
+        notes = []
+        if "masking_rate" in info:
+            notes.append(f"masking rate {100 * info['masking_rate']:.1f}%")
+        if "lambda_stats" in info:
+            s = info["lambda_stats"]
+            notes.append(f"λ ∈ [{s['min']:.3f}, {s['max']:.3f}], mean {s['mean']:.3f}")
+        if "diagnostics" in info and info["diagnostics"]:
+            dg = info["diagnostics"]
+            notes.append("val acc R=I/R_proc/R: " + "/".join(f"{100 * _mean(dg[k]):.1f}" for k in
+                                                               ("val_acc_identity", "val_acc_procrustes", "val_acc_learned")))
+        lines.append(f"| {name} | {len(loss)} | {r['seconds_per_step']:.2f} | {loss[0] if loss else float('nan'):.4f} | "
+                     f"{last:.4f} | {'; '.join(notes)} |")
+    lines += ["", "Task columns: " + "; ".join(f"{SHORT_NAMES.get(t, t)} = `{t}`" for t in tasks) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _parse_config(text: str) -> dict[str, Any]:
+    """``name=method:key=value,key=value`` (values parsed as YAML)."""
+    import yaml
+
+    name, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        k, _, v = item.partition("=")
+        options[k.strip()] = yaml.safe_load(v)
+    return {"name": name, "method": method or name, "options": options}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m taskmerge.databased.bench --config NAME=METHOD:key=value,... [--config ...]``."""
+    p = argparse.ArgumentParser(prog="python -m taskmerge.databased.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="instead of running: merge the JSON outputs of earlier runs into <out>/<stem>.{json,md}")
+    p.add_argument("--config", action="append",
+                   help="NAME=METHOD:key=value,... e.g. 'moma-ta=moma:base=task_arithmetic,steps=100' (repeatable)")
+    p.add_argument("--tasks", default="8")
+    p.add_argument("--recipe", default="full")
+    p.add_argument("--start-lambda", action="append", default=[], metavar="METHOD=λ",
+                   help="λ of a data-free start already chosen on validation (skips its sweep)")
+    p.add_argument("--adapt-split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default="results")
+    p.add_argument("--stem", default="databased")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.combine:
+        print(markdown_table(combine_results(args.combine, args.out, args.stem)))
+        return 0
+    if not args.config:
+        p.error("give --config (or --combine)")
+    lams = {k: float(v) for k, v in (s.split("=", 1) for s in args.start_lambda)}
+    res = run_databased([_parse_config(c) for c in args.config], tasks=args.tasks, recipe=args.recipe,
+                        start_lambdas=lams, adapt_split=args.adapt_split, out_dir=args.out, stem=args.stem,
+                        num_threads=args.threads, patience=args.patience, progress=not args.no_progress)
+    print(markdown_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

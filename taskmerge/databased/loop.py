@@ -1,0 +1,517 @@
+"""The training loop shared by the data-based merging methods (AdaMerging, MDA-AM, MOMA).
+
+Every data-based method learns a few things (merging coefficients, a mask, per-task matrices) by running
+the *merged* encoder on unlabeled inputs of each task. The pieces here:
+
+* :class:`FunctionalEncoder` — one copy of the encoder architecture holding the base weights; features are
+  computed for any parameter dict with :func:`torch.func.functional_call`, so the merged parameters
+  ``θ₀ + Σ λ τ`` (differentiable in the coefficients) are evaluated without copying the model per step.
+  Tensors absent from the dict fall back to the base weights held by the copy.
+* :class:`TensorInputs` / :class:`TokenInputs` — unlabeled inputs of one task (a tensor, or token id lists
+  padded per batch); :class:`LabeledInputs` — inputs with labels (only MDA's class means use labels).
+* :class:`TaskSampler` — seeded, reshuffled-epoch mini-batches of indices (so cached teacher features can be
+  looked up by index).
+* :func:`cache_features` — features of a fixed encoder over all inputs, computed once (MOMA's teachers).
+* :func:`run_loop` — the optimisation loop: one mini-batch of every task per step, an objective supplied
+  by the method, Adam, a tqdm bar with the running loss, a loss history, hooks after each step.
+* :class:`LoopOptions` — the options every data-based method shares (steps, batch size, seed, data fraction).
+
+Reproducibility: :func:`run_loop` seeds torch's global generator and the samplers from ``seed``; the same
+seed, inputs and options give the same result (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.func import functional_call
+
+from taskmerge.registry import MethodOptions
+
+__all__ = [
+    "LoopOptions",
+    "FunctionalEncoder",
+    "UnlabeledInputs",
+    "TensorInputs",
+    "TokenInputs",
+    "LabeledInputs",
+    "as_inputs",
+    "LinearHead",
+    "TaskSampler",
+    "DataMergeResult",
+    "History",
+    "run_loop",
+    "cache_features",
+    "subset_inputs",
+    "entropy",
+    "entropy_scales",
+    "head_logits",
+    "with_weight",
+    "mean_pool_features",
+    "task_vectors",
+    "count_parameters",
+    "parse_options_as",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+class LoopOptions(MethodOptions):
+    """Options shared by every data-based method (each method's options class extends this one).
+
+    Attributes:
+        steps: optimisation steps; each step sees one mini-batch of every task.
+        batch_size: unlabeled inputs per task per step.
+        seed: seeds torch and the mini-batch samplers (a run is reproducible given the seed).
+        data_fraction: fraction of each task's unlabeled inputs used (a seeded random subset; MOMA Table 5).
+        progress: show a tqdm bar with the running loss.
+        feature_batch_size: batch size of the no-grad passes (teacher features, class means, pseudo-labels).
+    """
+
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    data_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    progress: bool = True
+    feature_batch_size: int = Field(64, ge=1)
+
+
+def parse_options_as(cls: type[LoopOptions], options: Any, method: str) -> Any:
+    """Validate ``options`` (an instance of ``cls`` or a mapping of its fields); errors are
+    :class:`taskmerge.errors.OptionError` naming the method and the option."""
+    from pydantic import ValidationError
+
+    from taskmerge.errors import OptionError
+
+    if isinstance(options, cls):
+        return options
+    try:
+        return cls(**dict(options or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"option {'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors())
+        raise OptionError(f"method {method!r}: {problems}") from None
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+@runtime_checkable
+class UnlabeledInputs(Protocol):
+    """The unlabeled inputs of one task: a length and a way to build a model batch from indices."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        """The model input for the examples at ``indices`` (what the encoder's feature function takes)."""
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """Inputs stored as one tensor whose first dimension indexes examples (e.g. images, toy vectors)."""
+
+    data: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.data[torch.as_tensor(list(indices), dtype=torch.long)]
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """Tokenised texts (one list of token ids per example, unpadded), right-padded per batch.
+
+    A batch is the keyword-argument dict of a BERT-style model: ``input_ids``, ``attention_mask``,
+    ``token_type_ids``.
+    """
+
+    ids: Sequence[Sequence[int]]
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[j, : len(r)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids)}
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, texts: Sequence[str], max_length: int = 48) -> TokenInputs:
+        """Tokenise ``texts`` with a Hugging Face tokenizer (truncated to ``max_length``)."""
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+        return cls(ids=ids, pad_id=int(tokenizer.pad_token_id or 0))
+
+
+@dataclass(frozen=True)
+class _Subset:
+    inner: UnlabeledInputs
+    index: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        return self.inner.batch([self.index[i] for i in indices])
+
+
+@dataclass(frozen=True)
+class LabeledInputs:
+    """Inputs of one task with their labels (MDA-AM's class means on the validation split)."""
+
+    inputs: UnlabeledInputs
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != int(self.labels.numel()):
+            raise ValueError(f"{len(self.inputs)} inputs but {self.labels.numel()} labels")
+
+
+def as_inputs(obj: Any) -> UnlabeledInputs:
+    """Wrap a tensor as :class:`TensorInputs`; pass anything with ``__len__`` and ``batch`` through."""
+    if isinstance(obj, torch.Tensor):
+        return TensorInputs(obj)
+    if isinstance(obj, UnlabeledInputs):
+        return obj
+    raise TypeError(f"unlabeled inputs must be a tensor or have __len__ and batch(indices); got {type(obj).__name__}")
+
+
+def subset_inputs(inputs: UnlabeledInputs, fraction: float, seed: int) -> UnlabeledInputs:
+    """A seeded random subset of ``⌈fraction·N⌉`` examples (``inputs`` itself when ``fraction >= 1``)."""
+    if fraction >= 1.0:
+        return inputs
+    n = len(inputs)
+    keep = max(1, math.ceil(fraction * n))
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(n, generator=gen)[:keep].sort().values.tolist()
+    return _Subset(inputs, tuple(index))
+
+
+class TaskSampler:
+    """Mini-batches of example indices over reshuffled epochs, from a seeded generator (every batch full)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError("a task needs at least one unlabeled input")
+        self.n = n
+        self.batch_size = min(batch_size, n)
+        self.gen = torch.Generator().manual_seed(seed)
+        self._stream: list[int] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        while len(self._stream) < self.batch_size:
+            self._stream.extend(torch.randperm(self.n, generator=self.gen).tolist())
+        out, self._stream = self._stream[: self.batch_size], self._stream[self.batch_size:]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- heads
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A task's linear classifier on the encoder's features: ``logits = features @ weight.T + bias``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def head_logits(head: Any, features: torch.Tensor) -> torch.Tensor:
+    """Logits of any head with ``weight`` (C × d) and optional ``bias`` (C,) on features (B × d)."""
+    out = features @ head.weight.to(features.dtype).T
+    bias = getattr(head, "bias", None)
+    return out if bias is None else out + bias.to(features.dtype)
+
+
+def with_weight(head: Any, weight: torch.Tensor) -> Any:
+    """A copy of ``head`` with a new weight matrix (same class when it is a dataclass, e.g. the benchmark's
+    ``Head``, so labels and flags are kept); bias unchanged."""
+    if weight.shape != head.weight.shape:
+        raise ValueError(f"new head weight has shape {tuple(weight.shape)}, expected {tuple(head.weight.shape)}")
+    try:
+        return replace(head, weight=weight.to(head.weight.dtype).contiguous())
+    except TypeError:
+        return LinearHead(weight.to(head.weight.dtype).contiguous(), getattr(head, "bias", None))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of ``softmax(logits)`` per row (nats)."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_scales(heads: Sequence[Any], mode: str = "none") -> list[float]:
+    """Per-task factors multiplying the logits inside an entropy objective.
+
+    ``"none"``: 1 (the papers' objective). ``"head_norm"``: ``s / s_t`` with ``s_t`` the mean row norm of task
+    t's head weight and ``s`` the geometric mean of the ``s_t`` — every task's logits get the same overall scale,
+    as CLIP's zero-shot heads (one logit scale for all tasks) give the papers. A positive factor changes no
+    prediction, only how confident (and so how much weight in a summed entropy) each task is; without it,
+    heads trained with different regularisation (the benchmark's linear probes) make the tasks with large
+    heads dominate the entropy and pull the coefficients their way.
+    """
+    if mode == "none":
+        return [1.0] * len(heads)
+    if mode != "head_norm":
+        raise ValueError(f"unknown entropy scaling {mode!r}")
+    norms = [float(h.weight.detach().float().norm(dim=1).mean()) for h in heads]
+    geo = math.exp(sum(math.log(max(n, 1e-12)) for n in norms) / len(norms))
+    return [geo / max(n, 1e-12) for n in norms]
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+FeatureFn = Callable[[nn.Module, Mapping[str, torch.Tensor], Any], torch.Tensor]
+
+
+def _default_feature_fn(module: nn.Module, params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return functional_call(module, dict(params), args=(), kwargs=dict(batch))
+    return functional_call(module, dict(params), args=(batch,))
+
+
+def mean_pool_features(normalize: bool = True) -> FeatureFn:
+    """Feature function of a Hugging Face text encoder: attention-mask-weighted mean of the last hidden
+    states, L2-normalised if ``normalize`` (the benchmark's features: the input of its linear heads)."""
+
+    def fn(module: nn.Module, params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        out = functional_call(module, dict(params), args=(), kwargs=dict(batch))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    return fn
+
+
+class FunctionalEncoder:
+    """An encoder evaluated functionally under any parameter dict.
+
+    Args:
+        module: a module of the encoder's architecture (deep-copied; the argument is not modified).
+        base_state_dict: the pretrained weights θ₀, loaded into the copy; tensors a parameter dict leaves out
+            take these values.
+        feature_fn: ``fn(module, params, batch) -> features (B × d)``; default: ``functional_call(module,
+            params, batch)`` (keyword arguments when ``batch`` is a mapping) — the module's output is the feature.
+        device: where the copy lives.
+    """
+
+    def __init__(self, module: nn.Module, base_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 feature_fn: FeatureFn | None = None, device: torch.device | str = "cpu") -> None:
+        self.module = copy.deepcopy(module).to(device).eval()
+        if base_state_dict is not None:
+            missing, unexpected = self.module.load_state_dict(dict(base_state_dict), strict=False)
+            if unexpected:
+                raise KeyError(f"base state dict does not fit the encoder: unexpected tensors {unexpected[:5]}")
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.feature_fn = feature_fn or _default_feature_fn
+        self.device = torch.device(device)
+
+    def __call__(self, params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """Features of ``batch`` with the tensors of ``params`` substituted (differentiable in them)."""
+        return self.feature_fn(self.module, params, _to(batch, self.device))
+
+    def many(self, params: Mapping[str, torch.Tensor], batches: Sequence[Any]) -> list[torch.Tensor]:
+        """Features of several batches under the same parameters, in one forward pass when the batches can be
+        concatenated (tensors; token dicts, right-padded with zeros under a zero attention mask), else one
+        pass each. Returns one feature tensor per batch."""
+        joined = _concat(batches)
+        if joined is None:
+            return [self(params, b) for b in batches]
+        sizes = [_batch_len(b) for b in batches]
+        return list(torch.split(self(params, joined), sizes))
+
+    @torch.no_grad()
+    def features(self, params: Mapping[str, torch.Tensor], inputs: UnlabeledInputs, batch_size: int = 64) -> torch.Tensor:
+        """Features of every input (N × d, float32, CPU), no gradient."""
+        rows = []
+        for start in range(0, len(inputs), batch_size):
+            idx = list(range(start, min(start + batch_size, len(inputs))))
+            rows.append(self(params, inputs.batch(idx)).float().cpu())
+        return torch.cat(rows) if rows else torch.empty(0)
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    return int(next(iter(batch.values())).shape[0])
+
+
+def _concat(batches: Sequence[Any]) -> Any:
+    """One batch holding all of ``batches`` (``None`` when they cannot be joined)."""
+    if len(batches) == 1:
+        return batches[0]
+    if all(isinstance(b, torch.Tensor) for b in batches):
+        shapes = {tuple(b.shape[1:]) for b in batches}
+        return torch.cat(list(batches)) if len(shapes) == 1 else None
+    if all(isinstance(b, Mapping) for b in batches):
+        keys = set(batches[0])
+        if any(set(b) != keys for b in batches) or "attention_mask" not in keys:
+            return None
+        if any(not isinstance(v, torch.Tensor) or v.ndim != 2 for b in batches for v in b.values()):
+            return None
+        width = max(int(b["attention_mask"].shape[1]) for b in batches)
+        return {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1])) for b in batches]) for k in batches[0]}
+    return None
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def cache_features(encoder: FunctionalEncoder, params: Mapping[str, torch.Tensor], inputs: UnlabeledInputs,
+                   batch_size: int = 64) -> torch.Tensor:
+    """Teacher features ``g(x; θ)`` of every input, computed once (N × d, CPU); index them with the sampler's
+    indices instead of recomputing the fine-tuned encoders at every step."""
+    return encoder.features(params, inputs, batch_size)
+
+
+def task_vectors(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapping[str, torch.Tensor]],
+                 names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """``{name: stack_t(θ_t − θ₀)}`` (T × shape, float32) for floating tensors whose update is not all zero."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names if names is not None else base_sd.keys():
+        base = base_sd[name]
+        if not base.is_floating_point():
+            continue
+        stack = torch.stack([sd[name].float() - base.float() for sd in task_sds])
+        if bool((stack != 0).any()):
+            out[name] = stack
+    return out
+
+
+def count_parameters(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Total number of entries of the floating tensors of a state dict."""
+    return sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+
+
+# -------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class History:
+    """What a run recorded: per-step loss and its parts, the seconds taken, and extra per-run info."""
+
+    loss: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, loss: float, parts: Mapping[str, float]) -> None:
+        self.loss.append(loss)
+        for k, v in parts.items():
+            self.parts.setdefault(k, []).append(float(v))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "parts": self.parts, "seconds": self.seconds, **self.extra}
+
+    def smoothed(self, window: int = 10) -> list[float]:
+        """Moving average of the loss (for a compact loss curve)."""
+        out = []
+        for i in range(len(self.loss)):
+            chunk = self.loss[max(0, i - window + 1): i + 1]
+            out.append(sum(chunk) / len(chunk))
+        return out
+
+
+@dataclass
+class DataMergeResult:
+    """The output of a data-based merge.
+
+    Unpacks as ``encoder_sd, heads = result``: ``state_dict`` is the deployed encoder (every key of the base
+    state dict, base shapes and dtypes, so it loads into the base architecture) and ``heads`` one head per
+    task (the input heads, or new ones with learned matrices absorbed). ``history`` holds the loss curve,
+    ``info`` the learned quantities and diagnostics (coefficients, masking rate, …).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    heads: list[Any]
+    history: History
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.state_dict, self.heads))
+
+
+Objective = Callable[[int, list[Any], list[list[int]]], tuple[torch.Tensor, Mapping[str, float]]]
+
+
+def run_loop(
+    objective: Objective,
+    param_groups: Sequence[Mapping[str, Any]],
+    inputs: Sequence[UnlabeledInputs],
+    options: LoopOptions,
+    *,
+    desc: str = "data-based merge",
+    after_step: Callable[[int], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+) -> History:
+    """Minimise ``objective`` for ``options.steps`` steps.
+
+    Each step draws one mini-batch of indices per task (seeded :class:`TaskSampler`), builds the batches
+    and calls ``objective(step, batches, indices) -> (loss, parts)``; then backward, an optimizer step
+    (Adam over ``param_groups`` unless ``optimizer`` is given) and ``after_step(step)`` (e.g. clamping).
+    ``before_step(step)`` runs first (e.g. refreshing a Procrustes target). The bar shows the running loss
+    (moving average over 10 steps).
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(options.seed)
+    samplers = [TaskSampler(len(x), options.batch_size, options.seed * 1009 + 17 * t + 1) for t, x in enumerate(inputs)]
+    groups = [dict(g) for g in param_groups if list(g["params"])]
+    opt = (optimizer or torch.optim.Adam)(groups) if groups else None
+    history = History()
+    start = time.perf_counter()
+    bar = tqdm(range(options.steps), desc=desc, disable=not options.progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        if before_step is not None:
+            before_step(step)
+        indices = [next(s) for s in samplers]
+        batches = [x.batch(idx) for x, idx in zip(inputs, indices)]
+        loss, parts = objective(step, batches, indices)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if after_step is not None:
+            after_step(step)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
+        history.record(value, parts)
+        recent = history.loss[-10:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        if (step + 1) % 25 == 0 or step == options.steps - 1:
+            logger.info("%s step %d/%d loss %.5f %s", desc, step + 1, options.steps, sum(recent) / len(recent),
+                        " ".join(f"{k}={v:.4f}" for k, v in parts.items()))
+    bar.close()
+    history.seconds = time.perf_counter() - start
+    return history

@@ -1,0 +1,399 @@
+"""MDA-AM: learned layer-wise coefficients and per-task feature rotations toward a simplex ETF.
+
+Chen et al., "From Coefficients to Directions: Rethinking Model Merging with Directional Alignment"
+(arXiv 2512.00391), Algorithm 2, Definition 2, Eqs. 4–9; specs ``mda.md`` (§3) and
+``mda-second-reading.md`` (§4). Starting from MDA-TA's ETF-aligned task vectors (:mod:`taskmerge.methods.mda`),
+learn
+
+* coefficients ``λ`` of the merged encoder ``θ^(l) = θ₀^(l) + λ^(l) τ_etf^(l)`` (Eq. 4), and
+* one rotation ``R_t ∈ SO(d)`` per task acting on the final features, ``h̃ = R_t h``,
+
+by minimising ``L = L_entropy + α L_align + β L_rotation`` (Eq. 6; α = 0.8, β = 0.2, Fig. 3's optima):
+
+* ``L_entropy`` (Eq. 7): Shannon entropy of task t's frozen head on the rotated features, mean over a
+  mini-batch of unlabeled inputs, summed over tasks;
+* ``L_align`` (Eq. 8): ``Σ_t mean_i ‖normalize(R_t h_i) − m*_{φ_t(ŷ_i)}‖²``, the distance of the rotated,
+  normalised feature to the ETF vertex of its class;
+* ``L_rotation`` (Eq. 9): ``Σ_t ‖R_t − R_proc^t‖_F²`` with ``R_proc^t`` the closed-form orthogonal Procrustes
+  rotation taking task t's class means of the normalised features onto its ETF vertices
+  (:func:`taskmerge.rotation.procrustes`), recomputed every ``procrustes_every`` steps.
+
+Gradient routing (Alg. 2 lines 10–11): λ is updated by ``L_entropy`` only, ``R_t`` by ``L_align + L_rotation``
+only (stop-gradients in one backward pass; ``routing="joint"`` gives the full gradient of Eq. 6 to both).
+``R_t`` stays in SO(d) exactly: it is parametrised as ``exp(A_t − A_tᵀ)`` (or Cayley), ``A_t = 0`` at the start
+(:class:`taskmerge.rotation.Rotation`), never a penalty alone. At deployment ``R_t`` is absorbed into the
+task's head (``W_t ← W_t R_t``), so the deployed model has the base architecture and parameter count.
+
+Labels. **The only labels used are those of the class means behind ``R_proc``: the benchmark's validation
+split** (``labeled`` argument; the MDA spec's option "true labels of the validation split, never test
+labels"). Without ``labeled`` data the class means come from pseudo-labels of the unlabeled inputs. The class
+of each unlabeled sample in ``L_align`` is a pseudo-label (flag A6): by default the current merged model's
+prediction (``pseudo_labels="merged"``, second spec §4.2), alternatively the task's fine-tuned model's
+(``"expert"``, first spec §3).
+
+Readings of the ambiguities (spec flags; default first, alternative as an option):
+
+* **λ granularity (A7).** ``granularity="layer"`` (default): one λ per parameter tensor multiplying the merged
+  ``τ_etf`` (Eq. 4 as written; the issue's "layer-wise λ"). ``"task_layer"``: one λ per task and tensor over
+  per-task ETF-aligned blocks ``τ_t^etf`` whose sum is ``τ_etf`` (the second spec's proposal, §4.1).
+* **λ initialisation (A8).** ``init_lambda`` = MDA-TA's λ (default 1.0: the start is exactly the MDA-TA
+  model); ``init_lambda="1/T"`` is Alg. 2's literal ``λ₀ = 1/T``. λ is clamped to ``[lambda_min, lambda_max]``
+  (default ``[0, ∞)``).
+* **ETF targets / classifier (A10).** ``etf_targets="global_anchored"`` (default, second spec): one simplex
+  ETF of ``C = Σ_t C_t`` vertices in the feature space (:func:`taskmerge.etf.simplex_etf`), tasks occupying
+  consecutive blocks, rotated by one orthogonal Procrustes onto the heads' normalised class prototypes so
+  that targets point toward their own classes; ``"task_nearest"``: per task the exact simplex ETF closest to
+  the task's centred head prototypes; ``"global_random"``: the literal unanchored frame. The head applied to
+  the rotated features is the frozen task head.
+* **Procrustes (A9).** Proper rotations (Kabsch correction); the column-vector convention ``R m_c ≈ m*_c``;
+  where the class means do not determine the rotation (``C_t < d``) the optimum closest to the identity
+  (``procrustes_completion="identity"``; ``"svd"``: whatever the SVD returns). See :mod:`taskmerge.rotation`.
+* **Optimisation (A12).** Adam, lr 1e-3 for λ and for the rotations, batch 16 per task, ``steps`` (paper: not
+  given; spec: 500), Procrustes refresh every 25 steps.
+
+Ablations (Fig. 2, Tables 9/12): ``rotation=False`` (R_t fixed to I: AdaMerging with shared layer-wise λ on the
+MDA-TA vectors) and ``parameter_alignment=False`` (start from the plain Task Arithmetic vectors instead of
+``τ_etf``; pass Task Arithmetic's λ as ``init_lambda``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from taskmerge import linalg
+from taskmerge.databased.adamerging import CoefficientMerge, _check_inputs
+from taskmerge.databased.loop import (
+    DataMergeResult,
+    FunctionalEncoder,
+    LabeledInputs,
+    LoopOptions,
+    parse_options_as,
+    entropy,
+    entropy_scales,
+    head_logits,
+    run_loop,
+    subset_inputs,
+    task_vectors,
+    with_weight,
+)
+from taskmerge.etf import helmert_basis, simplex_etf
+from taskmerge.registry import LayerContext
+from taskmerge.rotation import Rotation, procrustes
+from taskmerge.selection import TensorClass, TensorPolicy
+
+__all__ = ["MDAAMOptions", "mda_am", "mda_task_blocks", "etf_targets", "class_means"]
+
+logger = logging.getLogger(__name__)
+
+
+class MDAAMOptions(LoopOptions):
+    """Options of :func:`mda_am` (module docstring), plus the shared loop options."""
+
+    alpha: float = Field(0.8, ge=0, description="weight of L_align (Eq. 6)")
+    beta: float = Field(0.2, ge=0, description="weight of L_rotation (Eq. 6)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of λ")
+    rotation_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the rotation parameters")
+    granularity: Literal["layer", "task_layer"] = "layer"
+    init_lambda: float | Literal["1/T"] = 1.0
+    lambda_min: float | None = 0.0
+    lambda_max: float | None = None
+    rotation: bool = Field(True, description="learn R_t (False: the 'w/o rotation' ablation)")
+    parameter_alignment: bool = Field(True, description="start from τ_etf (False: plain TA vectors, ablation)")
+    parametrization: Literal["exp", "cayley"] = "exp"
+    etf_targets: Literal["global_anchored", "task_nearest", "global_random"] = "global_anchored"
+    etf_seed: int = 0
+    pseudo_labels: Literal["merged", "expert"] = "merged"
+    procrustes_every: int = Field(25, ge=1)
+    procrustes_completion: Literal["identity", "svd"] = "identity"
+    routing: Literal["split", "joint"] = "split"
+    entropy_scaling: Literal["none", "head_norm"] = Field(
+        "none", description="rescale each task's logits in L_entropy to a common scale (our option; see loop.entropy_scales)")
+    mda_options: dict[str, Any] = Field(default_factory=dict, description="options of mda_ta (num_classes filled from the heads)")
+
+
+# ----------------------------------------------------------------------------------- per-task ETF blocks
+
+
+def mda_task_blocks(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapping[str, torch.Tensor]],
+                    mda_options: Mapping[str, Any], policy: TensorPolicy | None = None) -> dict[str, torch.Tensor]:
+    """Per-task ETF-aligned blocks ``τ_t^etf`` (T × shape) whose sum over t is MDA-TA's merged update.
+
+    For a matrix, block t is task t's share ``U⊥[:, B_t] diag(σ_t) V⊥[:, B_t]ᵀ`` of the TSV-M reconstruction
+    (the columns ``B_t`` of the whitened concatenated bases that came from task t), projected by the same
+    ``P_ETF`` as :func:`taskmerge.methods.mda.mda_ta`; a tensor MDA-TA averages (biases, norms, embeddings)
+    contributes ``Δ_t / T`` per task. Only ``shared="tsv"`` has per-task blocks.
+    """
+    from taskmerge.methods.mda import MDAOptions, _layer_projector, _rank_per_task
+
+    opts = MDAOptions(**dict(mda_options))
+    if opts.shared != "tsv":
+        raise ValueError("per-task MDA blocks exist only for shared='tsv'")
+    policy = policy or TensorPolicy()
+    vectors = task_vectors(base_sd, task_sds)
+    out: dict[str, torch.Tensor] = {}
+    for name, deltas in vectors.items():
+        cls = policy.classify(name, tuple(deltas.shape[1:]), base_sd[name].dtype)
+        if cls is TensorClass.KEEP:
+            continue
+        T = deltas.shape[0]
+        if cls is not TensorClass.MATRIX:
+            out[name] = deltas / T
+            continue
+        m, n = deltas.shape[1:]
+        k = _rank_per_task(opts, (m, n), T)
+        eps = torch.finfo(deltas.dtype).eps * max(m, n)
+        us, ss, vhs, owner = [], [], [], []
+        for t, d in enumerate(deltas):  # as taskmerge.methods.tsv.tsv_bases, remembering each triplet's task
+            part = linalg.truncated_svd(d, k)
+            if part.S.numel() == 0:
+                continue
+            keep = part.S > eps * part.S[0]
+            us.append(part.U[:, keep])
+            ss.append(part.S[keep])
+            vhs.append(part.Vh[keep])
+            owner += [t] * int(keep.sum())
+        blocks = torch.zeros_like(deltas)
+        if owner:
+            u, vh, s = linalg.polar(torch.cat(us, dim=1)), linalg.polar(torch.cat(vhs, dim=0)), torch.cat(ss)
+            who = torch.tensor(owner)
+            for t in range(T):
+                sel = who == t
+                if bool(sel.any()):
+                    blocks[t] = (u[:, sel] * s[sel]) @ vh[sel]
+        projector = _layer_projector(opts, deltas, LayerContext(name=name))
+        if projector is not None:
+            blocks = torch.stack([projector.apply(b, opts.etf_side) for b in blocks])
+        out[name] = blocks
+    return out
+
+
+# ------------------------------------------------------------------------------------------- ETF targets
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def _global_frame(classes: int, dim: int, seed: int) -> torch.Tensor:
+    """``C × d`` class directions: :func:`taskmerge.etf.simplex_etf` when ``d >= C``. When ``d < C`` no simplex ETF
+    exists in R^d and the truncated Helmert frame of the SVD branch has all-zero rows (class j's Helmert
+    coefficients vanish on the first ``j − 1`` columns), so a target would be the zero vector; we use
+    ``sqrt(C/(C−1)) · H Q[:, :d]`` instead, with ``H`` the Helmert basis of ``1^⊥`` and ``Q`` a seeded random
+    orthogonal ``(C−1) × (C−1)`` matrix — another valid "U from the SVD of the centring matrix", with no zero
+    row [INFERRED]; rows are normalised by the caller."""
+    if dim >= classes:
+        return simplex_etf(classes, dim, seed=seed, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(classes - 1, classes - 1, generator=gen, dtype=torch.float64))
+    return math.sqrt(classes / (classes - 1)) * (helmert_basis(classes) @ q)[:, :dim]
+
+
+def etf_targets(heads: Sequence[Any], mode: str = "global_anchored", seed: int = 0) -> list[torch.Tensor]:
+    """The ETF target vertices of every task's classes, one ``C_t × d`` matrix (unit rows) per task.
+
+    ``global_anchored``: a simplex ETF of ``C = Σ C_t`` vertices in R^d (rows normalised), rotated by the
+    orthogonal Procrustes solution onto the stacked normalised head rows, split into task blocks in task
+    order. ``task_nearest``: per task, the simplex ETF of ``C_t`` vertices closest to the centred normalised
+    head rows. ``global_random``: the unrotated global frame.
+    """
+    protos = [_unit_rows(h.weight.detach().double()) for h in heads]
+    counts = [p.shape[0] for p in protos]
+    d = protos[0].shape[1]
+    if mode == "task_nearest":
+        out = []
+        for p in protos:
+            c = p.shape[0]
+            if c < 2:
+                raise ValueError("a task needs at least 2 classes")
+            dec = linalg.svd(p - p.mean(0, keepdim=True))
+            r = min(c - 1, dec.S.numel())
+            out.append((math.sqrt(c / (c - 1)) * dec.U[:, :r] @ dec.Vh[:r]).float())
+        return out
+    total = sum(counts)
+    frame = _unit_rows(_global_frame(total, d, seed))
+    if mode == "global_anchored":
+        rot = procrustes(frame, torch.cat(protos), proper=False)
+        frame = _unit_rows(frame @ rot.T)
+    elif mode != "global_random":
+        raise ValueError(f"unknown etf_targets mode {mode!r}")
+    return [b.float() for b in torch.split(frame, counts)]
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of the L2-normalised features per class (rows not re-normalised) and the classes present."""
+    f = _unit_rows(features.float())
+    present = torch.tensor([c for c in range(num_classes) if bool((labels == c).any())], dtype=torch.long)
+    means = torch.stack([f[labels == c].mean(0) for c in present.tolist()]) if len(present) else f.new_zeros(0, f.shape[1])
+    return means, present
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+
+def mda_am(
+    base_sd: Mapping[str, torch.Tensor],
+    task_sds: Sequence[Mapping[str, torch.Tensor]],
+    heads: Sequence[Any],
+    unlabeled_inputs: Sequence[Any],
+    options: MDAAMOptions | Mapping[str, Any] | None = None,
+    *,
+    encoder: FunctionalEncoder,
+    labeled: Sequence[LabeledInputs] | None = None,
+    start_vector: Mapping[str, torch.Tensor] | None = None,
+) -> DataMergeResult:
+    """MDA-AM (module docstring).
+
+    Args:
+        base_sd, task_sds, heads, unlabeled_inputs, encoder: as :func:`taskmerge.databased.adamerging.adamerging`.
+        options: :class:`MDAAMOptions` or a mapping of its fields.
+        labeled: per task, labelled inputs for the class means of ``R_proc`` — the **validation split** on the
+            benchmark (the only labels MDA-AM sees); ``None``: pseudo-labels of the unlabeled inputs.
+        start_vector: the merged update to start from with ``granularity="layer"`` (default: MDA-TA's,
+            computed here with ``mda_options``; Task Arithmetic's sum with ``parameter_alignment=False``).
+
+    Returns:
+        :class:`~taskmerge.databased.loop.DataMergeResult` with the merged encoder and the heads with ``R_t``
+        absorbed (``W_t R_t``); ``info`` holds the λ, the rotations' distance to I and to ``R_proc`` and
+        validation-split diagnostics (accuracy with ``R = I``, ``R_proc`` and the learned ``R``).
+    """
+    opts = parse_options_as(MDAAMOptions, options, "mda_am")
+    T = len(task_sds)
+    inputs = _check_inputs(heads, unlabeled_inputs, T)
+    inputs = [subset_inputs(x, opts.data_fraction, opts.seed + t) for t, x in enumerate(inputs)]
+    counts = [int(h.weight.shape[0]) for h in heads]
+    dim = int(heads[0].weight.shape[1])
+    if labeled is not None and len(labeled) != T:
+        raise ValueError(f"{T} tasks but {len(labeled)} labelled sets")
+
+    # -- the vectors λ multiplies
+    mda_opts = {"num_classes": counts, **opts.mda_options}
+    if opts.granularity == "layer":
+        if start_vector is None:
+            from taskmerge.merge import merged_task_vector
+
+            method = "mda_ta" if opts.parameter_alignment else "task_arithmetic"
+            start_vector = merged_task_vector(base_sd, task_sds, method, mda_opts if opts.parameter_alignment else None)
+        vectors = {n: v.unsqueeze(0) for n, v in start_vector.items() if bool((v != 0).any())}
+    elif opts.parameter_alignment:
+        vectors = mda_task_blocks(base_sd, task_sds, mda_opts)
+    else:
+        vectors = task_vectors(base_sd, task_sds)
+    num_vec = next(iter(vectors.values())).shape[0]
+    init = 1.0 / T if opts.init_lambda == "1/T" else float(opts.init_lambda)
+    merge = CoefficientMerge(base_sd, vectors, "layer", init)
+
+    scales = entropy_scales(heads, opts.entropy_scaling)
+
+    # -- rotations, ETF targets, pseudo-labels
+    rot = Rotation(dim, opts.parametrization, count=T)
+    targets = etf_targets(heads, opts.etf_targets, opts.etf_seed)
+    eye = torch.eye(dim)
+    r_proc = [eye.clone() for _ in range(T)]
+    names = list(vectors)
+    expert_labels: list[torch.Tensor] | None = None
+    if opts.rotation and opts.pseudo_labels == "expert":
+        expert_labels = []
+        for t in range(T):
+            feats = encoder.features({n: task_sds[t][n] for n in names}, inputs[t], opts.feature_batch_size)
+            expert_labels.append(head_logits(heads[t], feats).argmax(-1))
+
+    def mean_sources(params: Mapping[str, torch.Tensor], rotations: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per task: features and labels whose class means define R_proc (validation labels if given)."""
+        out = []
+        for t in range(T):
+            if labeled is not None:
+                feats = encoder.features(params, labeled[t].inputs, opts.feature_batch_size)
+                out.append((feats, labeled[t].labels.long()))
+            else:
+                feats = encoder.features(params, inputs[t], opts.feature_batch_size)
+                out.append((feats, head_logits(heads[t], feats @ rotations[t].T).argmax(-1)))
+        return out
+
+    def refresh(step: int) -> None:
+        if not opts.rotation or step % opts.procrustes_every:
+            return
+        with torch.no_grad():
+            sources = mean_sources(merge(), rot.matrix())
+            for t, (feats, labels) in enumerate(sources):
+                means, present = class_means(feats, labels, counts[t])
+                if len(present):
+                    r_proc[t] = procrustes(means, targets[t][present], completion=opts.procrustes_completion)
+
+    def objective(step: int, batches: list[Any], indices: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+        params = merge()
+        rotations = rot() if opts.rotation else None
+        l_ent = torch.zeros(())
+        l_align = torch.zeros(())
+        l_rot = torch.zeros(())
+        for t, h in enumerate(encoder.many(params, batches)):
+            if rotations is None:
+                z = head_logits(heads[t], h)
+            else:
+                r = rotations[t] if opts.routing == "joint" else rotations[t].detach()
+                z = head_logits(heads[t], h @ r.T)
+            l_ent = l_ent + entropy(scales[t] * z).mean()
+            if rotations is not None:
+                if expert_labels is not None:
+                    yhat = expert_labels[t][torch.as_tensor(indices[t])]
+                else:
+                    yhat = z.detach().argmax(-1)
+                hd = h if opts.routing == "joint" else h.detach()
+                hr = _unit_rows(hd @ rotations[t].T)
+                l_align = l_align + (hr - targets[t][yhat]).pow(2).sum(-1).mean()
+                l_rot = l_rot + (rotations[t] - r_proc[t]).pow(2).sum()
+        loss = l_ent + opts.alpha * l_align + opts.beta * l_rot
+        return loss, {"entropy": float(l_ent.detach()), "align": float(l_align.detach()), "rotation": float(l_rot.detach())}
+
+    def clamp(step: int) -> None:
+        if opts.lambda_min is not None or opts.lambda_max is not None:
+            with torch.no_grad():
+                merge.lambdas.clamp_(opts.lambda_min, opts.lambda_max)
+
+    groups = [{"params": [merge.lambdas], "lr": opts.lr}]
+    if opts.rotation:
+        groups.append({"params": [rot.weight], "lr": opts.rotation_lr})
+    history = run_loop(objective, groups, inputs, opts, desc="mda_am", before_step=refresh, after_step=clamp)
+
+    # -- deploy: absorb R_t into the heads
+    rotations = rot.matrix() if opts.rotation else torch.stack([eye] * T)
+    new_heads = [with_weight(h, h.weight.float() @ rotations[t]) for t, h in enumerate(heads)]
+    state = merge.state_dict_merged(base_sd)
+    info: dict[str, Any] = {
+        "lambdas": merge.table(),
+        "lambda_mean": float(merge.lambdas.detach().mean()),
+        "vectors_per_tensor": num_vec,
+        "rotations": rotations.clone(),
+        "procrustes_rotations": torch.stack(r_proc),
+        "rotation_distance_to_identity": [float((rotations[t] - eye).norm()) for t in range(T)],
+        "rotation_distance_to_procrustes": [float((rotations[t] - r_proc[t]).norm()) for t in range(T)],
+        "options": opts.model_dump(),
+    }
+    if opts.rotation:
+        info["diagnostics"] = _diagnostics(encoder, state, names, heads, rotations, r_proc, labeled, opts)
+    return DataMergeResult(state, new_heads, history, info)
+
+
+@torch.no_grad()
+def _diagnostics(encoder: FunctionalEncoder, state: Mapping[str, torch.Tensor], names: Sequence[str],
+                 heads: Sequence[Any], rotations: torch.Tensor, r_proc: Sequence[torch.Tensor],
+                 labeled: Sequence[LabeledInputs] | None, opts: MDAAMOptions) -> dict[str, Any]:
+    """Accuracy on the labelled (validation) inputs with R = I, R = R_proc and the learned R (the spec's
+    sanity check that R_proc does not scramble predictions)."""
+    if labeled is None:
+        return {}
+    params = {n: state[n] for n in names}
+    out: dict[str, list[float]] = {"val_acc_identity": [], "val_acc_procrustes": [], "val_acc_learned": []}
+    for t, lab in enumerate(labeled):
+        feats = encoder.features(params, lab.inputs, opts.feature_batch_size)
+        y = lab.labels.long()
+        for key, r in (("val_acc_identity", torch.eye(feats.shape[1])), ("val_acc_procrustes", r_proc[t]),
+                       ("val_acc_learned", rotations[t])):
+            out[key].append(float((head_logits(heads[t], feats @ r.T).argmax(-1) == y).float().mean()))
+    return out

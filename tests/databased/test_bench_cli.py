@@ -1,0 +1,85 @@
+"""The benchmark hook (taskmerge.databased.bench) and ``taskmerge merge`` with a data section, on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from taskmerge.bench.backbone import tiny_bert
+from taskmerge.bench.finetune import Recipe
+from taskmerge.cli import main
+from taskmerge.databased.bench import combine_results, run_databased
+from taskmerge.databased.loop import count_parameters
+
+
+def test_run_databased_on_the_tiny_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKMERGE_CACHE", str(tmp_path / "cache"))
+    configs = [
+        {"name": "ada", "method": "adamerging", "options": {"steps": 2, "lr": 0.01}},
+        {"name": "mda", "method": "mda_am", "options": {"steps": 2}},
+        {"name": "moma-ties", "method": "moma", "options": {"steps": 2, "base": "ties"}},
+    ]
+    grids = {m: [0.5, 1.0] for m in ("task_arithmetic", "mda_ta", "ties")}
+    res = run_databased(configs, tasks=["toy_letters", "toy_length"], recipe=Recipe(steps=10, lr=1e-3),
+                        backbone=tiny_bert(seed=0), lam_grids=grids, out_dir=tmp_path / "out", stem="t",
+                        progress=False)
+    assert set(res["starts"]) == {"task_arithmetic", "mda_ta", "ties"}
+    for name, r in res["methods"].items():
+        assert set(r["test"]) == {"toy_letters", "toy_length"}
+        assert r["start_lambda"] in (0.5, 1.0) and len(r["loss"]) == 2
+        assert r["delta_avg_test"] == pytest.approx(r["avg_test"] - res["starts"][r["start_method"]]["avg_test"])
+        for t, acc in r["test"].items():
+            assert r["normalized_test"][t] == pytest.approx(acc / res["finetuned"]["test"][t])
+    saved = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert set(saved["methods"]) == {"ada", "mda", "moma-ties"}
+    md = (tmp_path / "out" / "t.md").read_text()
+    assert "| moma-ties | ties" in md and "Normalized" in md
+    both = combine_results([tmp_path / "out" / "t.json"] * 2, tmp_path / "out", "all", order=["moma-ties"])
+    assert list(both["methods"])[0] == "moma-ties" and (tmp_path / "out" / "all.md").is_file()
+
+
+def _tiny_folder(path: Path, sd: dict[str, torch.Tensor] | None = None) -> None:
+    bb = tiny_bert(seed=0, hidden_size=16, num_layers=1, intermediate_size=32)
+    if sd is not None:
+        bb.model.load_state_dict(sd)
+    bb.model.save_pretrained(str(path))
+    bb.tokenizer.save_pretrained(str(path))
+
+
+def test_cli_merge_with_a_data_section(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    _tiny_folder(tmp_path / "base")
+    base = AutoModel.from_pretrained(str(tmp_path / "base")).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    models, texts = [], []
+    for i, classes in enumerate((3, 2)):
+        sd = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in base.items()}
+        folder = tmp_path / f"ck{i}"
+        _tiny_folder(folder / "model", sd)
+        save_file({"weight": torch.randn(classes, 16, generator=gen), "bias": torch.zeros(classes)},
+                  str(folder / "head.safetensors"), metadata={"normalize": "true"})
+        models.append(str(folder / "model"))
+        (tmp_path / f"t{i}.txt").write_text("\n".join(f"example {j} of task {i}" for j in range(12)) + "\n")
+        texts.append(str(tmp_path / f"t{i}.txt"))
+    cfg = {"base": str(tmp_path / "base"), "models": models, "method": "moma", "lambda": 0.5,
+           "options": {"steps": 2, "batch_size": 4}, "output": str(tmp_path / "out"), "data": {"inputs": texts}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    merged = AutoModel.from_pretrained(str(tmp_path / "out"))
+    assert count_parameters(merged.state_dict()) == count_parameters(base)
+    heads = sorted((tmp_path / "out" / "heads").glob("*.safetensors"))
+    assert [h.name for h in heads] == ["0-ck0.safetensors", "1-ck1.safetensors"]
+    # a data-based method without data, and a data-free method with data, are errors
+    cfg2 = {**cfg, "output": str(tmp_path / "o2")}
+    del cfg2["data"]
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(cfg2))
+    assert main(["merge", str(tmp_path / "c2.yaml")]) == 2
+    cfg3 = {**cfg, "method": "task_arithmetic", "options": {}, "output": str(tmp_path / "o3")}
+    (tmp_path / "c3.yaml").write_text(yaml.safe_dump(cfg3))
+    assert main(["merge", str(tmp_path / "c3.yaml")]) == 2
