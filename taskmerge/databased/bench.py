@@ -165,6 +165,7 @@ def run_databased(
     adapt_split: str = "test",
     out_dir: str | Path | None = "results",
     stem: str = "databased",
+    reference: str | Path | None = None,
     cache: Path | None = None,
     num_threads: int | None = None,
     progress: bool = True,
@@ -180,6 +181,10 @@ def run_databased(
         patience: stop a sweep after this many grid points without a new best (``None``: whole grid).
         adapt_split: the split whose texts are the unlabeled inputs (default ``"test"``, the papers' protocol).
         out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md`` (``out_dir=None``: nothing written).
+        reference: a results JSON of an earlier run on the same checkpoints — this module's or
+            :func:`taskmerge.bench.runner.run_benchmark`'s — whose pretrained / fine-tuned accuracies and data-free
+            starts (λ and test accuracy) are reused instead of re-evaluated (checked: same tasks, recipe and
+            checkpoint folders).
     """
     from tqdm.auto import tqdm
 
@@ -202,12 +207,18 @@ def run_databased(
     base_sd = bb.state_dict()
     task_sds = [checkpoints[n].state_dict() for n in names]
     ev = Evaluator(bb.model, bb.tokenizer, max_length=recipe.max_length)
-    ft_val, ft_test = {}, {}
-    for n, sd in zip(names, task_sds):
-        ev.load(sd)
-        ft_val[n] = ev.accuracy(heads[n], data[n].val)
-        ft_test[n] = ev.accuracy(heads[n], data[n].test)
-    pre_test = _accuracies(ev, base_sd, heads, data, "test")
+    ck_paths = {n: str(ck.path) for n, ck in checkpoints.items()}
+    ref = _load_reference(reference, names, recipe, ck_paths)
+    if ref is not None:
+        ft_val, ft_test = dict(ref["finetuned"]["val"]), dict(ref["finetuned"]["test"])
+        pre_test = dict(ref["pretrained"]["test"])
+    else:
+        ft_val, ft_test = {}, {}
+        for n, sd in zip(names, task_sds):
+            ev.load(sd)
+            ft_val[n] = ev.accuracy(heads[n], data[n].val)
+            ft_test[n] = ev.accuracy(heads[n], data[n].test)
+        pre_test = _accuracies(ev, base_sd, heads, data, "test")
     results: dict[str, Any] = {
         "pretrained": _summary(pre_test, ft_test),
         "finetuned": {"test": ft_test, "val": ft_val, "avg_test": _mean(list(ft_test.values()))},
@@ -226,6 +237,14 @@ def run_databased(
         t0 = time.perf_counter()
         tau = merged_task_vector(base_sd, task_sds, method, s_opts.get(method))
         curve: list[dict[str, Any]] = []
+        reused = (ref or {}).get("starts", {}).get(method)
+        if reused is not None and (method not in known or float(known[method]) == float(reused["lambda"])):
+            results["starts"][method] = {**{k: reused[k] for k in ("test", "normalized_test", "avg_test",
+                                                                   "avg_normalized_test", "lambda")},
+                                         "options": s_opts.get(method, {}), "val_curve": reused.get("val_curve", []),
+                                         "reused_from": str(reference), "seconds": time.perf_counter() - t0}
+            vectors[method] = tau
+            return float(reused["lambda"]), tau
         if method in known:
             lam = float(known[method])
         else:
@@ -268,13 +287,33 @@ def run_databased(
         logger.info("%s: test avg %.4f (normalized %.4f), Δ vs %s %+.4f", cfg.get("name", method), res["avg_test"],
                     res["avg_normalized_test"], smethod, res["delta_avg_test"])
         if out_dir is not None:  # write after every configuration, so a long run leaves partial results
-            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info())
-    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info())
+            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths)
+    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths)
+
+
+def _load_reference(reference: str | Path | None, names: list[str], recipe: Any,
+                    ck_paths: Mapping[str, str]) -> dict[str, Any] | None:
+    """Pretrained / fine-tuned accuracies and data-free starts of an earlier run on the same checkpoints."""
+    if reference is None:
+        return None
+    ref = json.loads(Path(reference).read_text(encoding="utf-8"))
+    meta = ref.get("meta", {})
+    if list(meta.get("tasks", [])) != list(names) or meta.get("recipe") != recipe.to_dict():
+        raise ValueError(f"{reference}: different tasks or recipe")
+    if meta.get("checkpoints") and {n: meta["checkpoints"].get(n) for n in names} != dict(ck_paths):
+        raise ValueError(f"{reference}: different fine-tuned checkpoints")
+    starts = dict(ref.get("starts", {}))
+    for m, r in ref.get("methods", {}).items():  # the runner's data-free rows
+        if "lambda" in r and "start_method" not in r:
+            starts.setdefault(m, r)
+    return {"pretrained": ref["pretrained"], "finetuned": ref["finetuned"], "starts": starts}
 
 
 def _write(results: dict[str, Any], names: list[str], recipe: Any, bb: Any, seed: int, t_start: float,
-           out_dir: str | Path | None, stem: str, machine: Mapping[str, Any]) -> dict[str, Any]:
+           out_dir: str | Path | None, stem: str, machine: Mapping[str, Any],
+           checkpoints: Mapping[str, str] | None = None) -> dict[str, Any]:
     results["meta"] = {
+        "checkpoints": dict(checkpoints or {}),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": dict(machine),
         "backbone": {"name": bb.name, "identity": bb.identity},
@@ -421,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adapt-split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default="results")
     p.add_argument("--stem", default="databased")
+    p.add_argument("--reference", default=None,
+                   help="results JSON of an earlier run (this module's or `taskmerge bench`'s) on the same checkpoints: "
+                        "reuse its pretrained / fine-tuned accuracies and data-free starts")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
@@ -434,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lams = {k: float(v) for k, v in (s.split("=", 1) for s in args.start_lambda)}
     res = run_databased([_parse_config(c) for c in args.config], tasks=args.tasks, recipe=args.recipe,
                         start_lambdas=lams, adapt_split=args.adapt_split, out_dir=args.out, stem=args.stem,
+                        reference=args.reference,
                         num_threads=args.threads, patience=args.patience, progress=not args.no_progress)
     print(markdown_table(res))
     return 0
