@@ -4,7 +4,11 @@ Every (implementation, method) pair runs in a fresh spawned process that builds 
 task vectors, merges them once and reports wall time and peak RSS (``ru_maxrss``) above the RSS it
 had once its inputs existed. When FusionBench (``pip install fusion-bench==0.2.33``) is importable,
 its TSV-M, Iso-C and Iso-CTS run on the same tensors in the same script run; the speed ratio and the
-largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` are printed.
+largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` are printed. With
+``--reference64`` FusionBench's algorithm also runs on the same task vectors in float64, and both float32
+outputs are compared with it (which of the two float32 results is closer to the exact one).
+taskmerge runs with its default thread pool (:func:`taskmerge.executors.default_workers`), as the CLI does;
+FusionBench with torch's default threads.
 
     python benchmarks/merge_speed.py                 # 8 tasks, 12 layers, every data-free method
     python benchmarks/merge_speed.py --layers 2 --methods tsv_m iso_c --json out.json
@@ -41,6 +45,7 @@ def _rss_mb() -> float:
 
 
 def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    from taskmerge.executors import default_workers
     from taskmerge.merge import merged_task_vector
     from taskmerge.selection import TensorPolicy
 
@@ -50,7 +55,7 @@ def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torc
         options["num_classes"] = options["num_classes"][: len(tvs)]
     # FusionBench treats every 2-D tensor as a matrix: do the same so the outputs are comparable.
     policy = TensorPolicy(exclude=(), matrix_exclude=())
-    return merged_task_vector(zeros, tvs, method, options, policy=policy)
+    return merged_task_vector(zeros, tvs, method, options, policy=policy, workers=default_workers())
 
 
 def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -65,12 +70,15 @@ def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[st
     return iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu", exclude_keys=[])
 
 
-def _child(impl: str, method: str, n_tasks: int, layers: int, seed: int, save: str | None, queue: mp.Queue) -> None:
+def _child(impl: str, method: str, n_tasks: int, layers: int, seed: int, save: str | None, queue: mp.Queue,
+           float64: bool = False) -> None:
     import contextlib
     import io
 
     torch.set_num_threads(torch.get_num_threads())
     tvs = task_vectors(n_tasks, layers, seed)
+    if float64:
+        tvs = [{k: v.double() for k, v in tv.items()} for tv in tvs]
     rss0 = _rss_mb()
     run = _run_ours if impl == "taskmerge" else _run_fusionbench
     with contextlib.redirect_stdout(io.StringIO()):  # FusionBench prints a line per tensor
@@ -79,14 +87,14 @@ def _child(impl: str, method: str, n_tasks: int, layers: int, seed: int, save: s
         elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if save:
-        torch.save({k: v.float() for k, v in merged.items()}, save)
+        torch.save({k: v if float64 else v.float() for k, v in merged.items()}, save)
     queue.put({"impl": impl, "method": method, "seconds": elapsed, "peak_rss_mb": peak, "peak_over_inputs_mb": peak - rss0})
 
 
-def _measure(impl: str, method: str, args: argparse.Namespace, save: str | None) -> dict:
+def _measure(impl: str, method: str, args: argparse.Namespace, save: str | None, float64: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(impl, method, args.tasks, args.layers, args.seed, save, queue))
+    proc = ctx.Process(target=_child, args=(impl, method, args.tasks, args.layers, args.seed, save, queue, float64))
     proc.start()
     result = queue.get()
     proc.join()
@@ -111,6 +119,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=[s.name for s in list_methods() if s.data_free])
     parser.add_argument("--no-fusionbench", action="store_true")
+    parser.add_argument("--reference64", action="store_true",
+                        help="also run FusionBench in float64 and compare both float32 outputs with it")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -126,6 +136,12 @@ def main() -> None:
                 row["fusionbench"] = _measure("fusionbench", method, args, fb_path)
                 row["speedup"] = row["fusionbench"]["seconds"] / row["ours"]["seconds"]
                 row["max_rel_diff"] = _max_rel_diff(torch.load(ours_path), torch.load(fb_path))
+                if args.reference64:
+                    ref_path = f"{tmp}/ref64-{method}.pt"
+                    row["reference64_seconds"] = _measure("fusionbench", method, args, ref_path, float64=True)["seconds"]
+                    ref = torch.load(ref_path)
+                    row["ours_vs_float64"] = _max_rel_diff(torch.load(ours_path), ref)
+                    row["fusionbench_vs_float64"] = _max_rel_diff(torch.load(fb_path), ref)
             rows.append(row)
             print(f"  {method}: {row['ours']['seconds']:.2f} s", file=sys.stderr)
     report = {
@@ -137,13 +153,16 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    print(f"\n| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speedup | max rel diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speedup | max rel diff "
+          "| ours vs float64 | FB vs float64 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fb = r.get("fusionbench")
+        ref = (f"{r['ours_vs_float64']:.1e} | {r['fusionbench_vs_float64']:.1e} |" if "ours_vs_float64" in r
+               else "– | – |")
         print(f"| {r['method']} | {r['ours']['seconds']:.2f} | {r['ours']['peak_rss_mb']:.0f} | "
-              + (f"{fb['seconds']:.2f} | {fb['peak_rss_mb']:.0f} | {r['speedup']:.1f}x | {r['max_rel_diff']:.1e} |"
-                 if fb else "– | – | – | – |"))
+              + (f"{fb['seconds']:.2f} | {fb['peak_rss_mb']:.0f} | {r['speedup']:.1f}x | {r['max_rel_diff']:.1e} | "
+                 if fb else "– | – | – | – | ") + ref)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The linear algebra every merging method shares.
 
 One place for the thin SVD, the exact truncated (top-k) SVD, the orthogonal polar factor, the SVD of
-a low-rank product ``B @ A`` and subspace projections. Methods call these; none re-implements them.
+a low-rank product ``B @ A`` (and of sums and concatenations of such products, kept factored as
+:class:`LowRank`), the numerical rank and subspace projections. Methods call these; none re-implements them.
 
 All routines take and return :class:`torch.Tensor` on the input's device. They compute in the
 input's floating dtype (callers pass float32 or float64 task vectors).
@@ -20,6 +21,8 @@ __all__ = [
     "lowrank_svd",
     "LowRank",
     "hstack_lowrank_svd",
+    "lowrank_sum",
+    "numerical_rank",
     "polar",
     "project",
     "project_out",
@@ -28,14 +31,16 @@ __all__ = [
 
 # Below this ratio k / min(m, n) the truncated SVD goes through the Gram matrix instead of a full SVD.
 _GRAM_RATIO = 0.5
-# The Gram route squares the condition number. It runs in the input's precision while the k-th kept
-# singular value stays above this fraction of the largest (float32: relative error of the kept
-# triplets ~1e-5 at the floor, ~1e-6 typically), else in float64 above the float64 floor (~1e-8
-# relative error), else a full SVD is taken: the accuracy check of ``truncated_svd``.
-_GRAM_RELATIVE_FLOOR = {torch.float32: 1e-2, torch.float64: 1e-6}
-# The Gram route of ``polar`` is used while λ_min(AᵀA) / λ_max(AᵀA) stays above this
-# (float32: cond(A) < 30, error ~1e-6; float64: cond(A) < 1e5, error ~1e-8).
-_POLAR_CONDITION_FLOOR = {torch.float32: 1e-3, torch.float64: 1e-10}
+# The Gram route squares the condition number, and an eigenvector's error is ~ eps · λ_1 / gap (the gap to
+# the next eigenvalue): in float32 that is ~1e-3 for the top-96 of a 768 × 768 update with a power-law
+# spectrum (measured against a float64 reference, where a float32 SVD gives ~1e-5). So it always runs in
+# float64 (whatever the input's precision), while the k-th kept singular value stays above this fraction
+# of the largest (~1e-8 relative error at the floor); else a full SVD in the input's precision is taken.
+_GRAM_RELATIVE_FLOOR = 1e-6
+# The Gram route of ``polar`` (in float64) is used while λ_min(AᵀA) / λ_max(AᵀA) stays above this
+# (cond(A) < 1e5, error ~1e-8); a float32 Gram would lose ~eps·cond(A)² and fail its check on most
+# merging inputs anyway (TSV-M's concatenated bases), costing an eigendecomposition for nothing.
+_POLAR_CONDITION_FLOOR = 1e-10
 
 
 class SVD(NamedTuple):
@@ -68,10 +73,9 @@ def truncated_svd(matrix: torch.Tensor, k: int) -> SVD:
     """Exact top-``k`` singular triplets of ``matrix``.
 
     When ``k`` is at most half of ``min(m, n)`` the triplets come from the symmetric eigenproblem of
-    the smaller Gram matrix (``AᵀA`` or ``AAᵀ``), several times cheaper than a full SVD: first in the
-    input's precision, then in float64 when the kept spectrum spans too many orders of magnitude for
-    that precision, then by a full SVD (see ``_GRAM_RELATIVE_FLOOR``). The result equals the first
-    ``k`` triplets of :func:`svd` up to the sign of each singular pair.
+    the smaller Gram matrix (``AᵀA`` or ``AAᵀ``) in float64, cheaper than a full SVD, unless the kept
+    spectrum spans too many orders of magnitude for it; then by a full SVD (see ``_GRAM_RELATIVE_FLOOR``).
+    The result equals the first ``k`` triplets of :func:`svd` up to the sign of each singular pair.
     """
     if matrix.ndim != 2:
         raise ValueError(f"truncated_svd expects a 2-D tensor, got shape {tuple(matrix.shape)}")
@@ -83,13 +87,9 @@ def truncated_svd(matrix: torch.Tensor, k: int) -> SVD:
     if k == 0:
         return SVD(matrix.new_zeros(m, 0), matrix.new_zeros(0), matrix.new_zeros(0, n))
     if k <= _GRAM_RATIO * r:
-        for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
-            floor = _GRAM_RELATIVE_FLOOR.get(dtype)
-            if floor is None:
-                continue
-            result = _gram_top_k(matrix.to(dtype), k, floor)
-            if result is not None:
-                return SVD(*(t.to(matrix.dtype) for t in result))
+        result = _gram_top_k(matrix.to(torch.float64), k, _GRAM_RELATIVE_FLOOR)
+        if result is not None:
+            return SVD(*(t.to(matrix.dtype) for t in result))
     full = svd(matrix)
     return SVD(full.U[:, :k], full.S[:k], full.Vh[:k])
 
@@ -151,6 +151,62 @@ class LowRank(NamedTuple):
         a = self.A if dtype is None else self.A.to(dtype)
         return (b @ a) * self.scale
 
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LowRank:
+        """The same matrix with both factors moved to ``dtype`` and ``device`` (``None``: unchanged)."""
+        return LowRank(self.B.to(device=device, dtype=dtype), self.A.to(device=device, dtype=dtype), self.scale)
+
+    def transpose(self) -> LowRank:
+        """The transposed matrix ``(s B A)ᵀ = s Aᵀ Bᵀ`` in factored form (no copy)."""
+        return LowRank(self.A.T, self.B.T, self.scale)
+
+    def norm(self) -> float:
+        """Frobenius norm ``‖s B A‖_F``, from the r × r Gram matrices: ``‖B A‖²_F = Σ (BᵀB) ⊙ (A Aᵀ)``."""
+        if self.rank == 0:
+            return 0.0
+        gram = (self.B.T @ self.B) * (self.A @ self.A.T)
+        return abs(self.scale) * float(gram.sum().clamp_min(0).sqrt())
+
+    def svd(self, k: int | None = None) -> SVD:
+        """Top-``k`` (default: all ``r``) singular triplets of ``s B A`` by :func:`lowrank_svd`, never forming it.
+
+        At most ``min(k, r, m, n)`` triplets; trailing singular values may be (numerically) zero when
+        ``B`` or ``A`` is rank-deficient. Computed in the factors' dtype.
+        """
+        return lowrank_svd(self.B * self.scale, self.A, k)
+
+
+def lowrank_sum(parts: list[LowRank] | tuple[LowRank, ...], dtype: torch.dtype | None = None) -> LowRank:
+    """The sum ``Σ_t s_t B_t A_t`` in factored form, ``[s_1 B_1 … s_T B_T] @ [A_1; …; A_T]`` (inner dim ``Σ r_t``).
+
+    Computed in ``dtype`` (default: the first part's ``B`` dtype) on the first part's device.
+    """
+    if not parts:
+        raise ValueError("lowrank_sum needs at least one part")
+    m, n = parts[0].shape
+    dtype = dtype or parts[0].B.dtype
+    device = parts[0].B.device
+    if any(p.shape != (m, n) for p in parts):
+        raise ValueError(f"lowrank_sum: parts of shapes {[p.shape for p in parts]} differ")
+    b = torch.cat([p.B.to(device=device, dtype=dtype) * p.scale for p in parts], dim=1)
+    a = torch.cat([p.A.to(device=device, dtype=dtype) for p in parts], dim=0)
+    return LowRank(b, a, 1.0)
+
+
+def numerical_rank(matrix: torch.Tensor, rtol: float | None = None) -> int:
+    """The number of singular values of ``matrix`` above ``rtol · σ_max`` (default ``max(m, n) · eps``).
+
+    The usual numerical rank (``numpy.linalg.matrix_rank``'s tolerance); 0 for a zero or empty matrix.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"numerical_rank expects a 2-D tensor, got shape {tuple(matrix.shape)}")
+    m, n = matrix.shape
+    if m == 0 or n == 0:
+        return 0
+    if rtol is None:
+        rtol = max(m, n) * torch.finfo(matrix.dtype).eps
+    s = torch.linalg.svdvals(matrix if m >= n else matrix.T)  # LAPACK prefers the tall orientation
+    return int((s > rtol * s[0]).sum()) if float(s[0]) > 0 else 0
+
 
 def hstack_lowrank_svd(parts: list[LowRank] | tuple[LowRank, ...], dtype: torch.dtype | None = None) -> SVD:
     """Thin SVD of the concatenation ``[M_1 | M_2 | … | M_T]`` (m × Σ n_t) of low-rank ``M_t = s_t B_t A_t``.
@@ -207,14 +263,16 @@ def polar(matrix: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     orthonormal the result is the matrix itself.
 
     For a tall ``A`` (m ≥ n) of full column rank, ``P Qᵀ = A (AᵀA)^{-1/2}``, with the inverse square
-    root from the eigendecomposition of the n×n Gram matrix, several times cheaper than an SVD. The
-    Gram route runs in the input's precision while ``λ_min(AᵀA) / λ_max(AᵀA)`` stays above
-    ``_POLAR_CONDITION_FLOOR`` for it, then in float64; an ill-conditioned ``A`` goes through the SVD.
+    root from the eigendecomposition of the n×n Gram matrix in float64, cheaper than an SVD, while
+    ``λ_min(AᵀA) / λ_max(AᵀA)`` stays above ``_POLAR_CONDITION_FLOOR``; an ill-conditioned ``A`` goes through an SVD in
+    float64 (the polar factor's error grows like eps / σ_min: a float32 SVD loses ~1e-2 on a direction
+    with σ_min / σ_max ~ 1e-5, which Iso-CTS's stacked bases do reach).
 
     A rank-deficient ``A`` has no unique polar factor (any completion of ``P`` on the null space is
     one). Singular values at most ``rtol·σ_max`` (default ``max(m, n)·eps`` of the dtype) are treated
     as zero and their pairs dropped, giving the partial isometry ``P₊ Q₊ᵀ``: deterministic, and equal
-    to the polar factor whenever ``A`` has full rank. A zero matrix gives zeros.
+    to the polar factor whenever ``A`` has full rank. ``rtol=0`` keeps every non-zero singular pair (the
+    plain ``U Vᵀ`` of the reference implementations). A zero matrix gives zeros.
     """
     if matrix.ndim != 2:
         raise ValueError(f"polar expects a 2-D tensor, got shape {tuple(matrix.shape)}")
@@ -223,19 +281,15 @@ def polar(matrix: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
         return polar(matrix.T, rtol).T
     if n == 0:
         return matrix.clone()
-    for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
-        floor = _POLAR_CONDITION_FLOOR.get(dtype)
-        if floor is None:
-            continue
-        a = matrix.to(dtype)
-        evals, evecs = torch.linalg.eigh(a.T @ a)
-        if evals[0] > floor * evals[-1] > 0:
-            return (a @ ((evecs * evals.rsqrt()) @ evecs.T)).to(matrix.dtype)
-    dec = svd(matrix)
+    a = matrix.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(a.T @ a)
+    if evals[0] > _POLAR_CONDITION_FLOOR * evals[-1] > 0:
+        return (a @ ((evecs * evals.rsqrt()) @ evecs.T)).to(matrix.dtype)
+    dec = svd(matrix.to(torch.float64) if matrix.dtype in (torch.float32, torch.float64) else matrix)
     if rtol is None:
         rtol = max(m, n) * torch.finfo(matrix.dtype).eps
     keep = dec.S > rtol * dec.S[0]
-    return dec.U[:, keep] @ dec.Vh[keep]
+    return (dec.U[:, keep] @ dec.Vh[keep]).to(matrix.dtype)
 
 
 def project(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

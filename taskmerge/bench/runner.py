@@ -34,6 +34,7 @@ from taskmerge.bench.backbone import Backbone, load_backbone
 from taskmerge.bench.datasets import UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
 from taskmerge.bench.finetune import Recipe, configure_threads, finetune, get_recipe, linear_probe
+from taskmerge.errors import OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def run_benchmark(
     progress: bool = True,
     stem: str | None = None,
     patience: int | None = None,
+    variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Run the whole benchmark and return (and, if ``out_dir``, write) its results.
 
@@ -170,6 +172,8 @@ def run_benchmark(
         patience: stop a method's λ sweep after this many consecutive grid points (in grid order) without a
             new best validation score; ``None`` (default) sweeps the whole grid, as the papers do. The
             validation curves are unimodal in practice, so 3-5 saves most of the sweep's cost.
+        variants: extra rows, label → (method, options), e.g. ``{"dc_merge_linear": ("dc_merge",
+            {"smoothing": "linear"})}``; each runs after ``methods`` under its label (see :func:`parse_variant`).
     """
     from tqdm.auto import tqdm
 
@@ -184,6 +188,8 @@ def run_benchmark(
         unseen = [t for t in UNSEEN_TASKS if t not in task_names] if bb.name == "minilm" else []
     unseen = [t for t in unseen if t not in task_names]
     method_options = dict(method_options or {})
+    variants = dict(variants or {})
+    methods += [label for label in variants if label not in methods]
 
     data = {name: load_task(name, seed) for name in task_names}
     unseen_data = {name: load_task(name, seed) for name in unseen}
@@ -224,14 +230,15 @@ def run_benchmark(
     }
 
     for method in methods:
-        spec = get_method(method)
-        if "num_classes" in getattr(spec.options, "model_fields", {}) and "num_classes" not in (method_options.get(method) or {}):
+        name, variant_options = variants.get(method, (method, {}))
+        spec = get_method(name)
+        method_options[method] = {**(method_options.get(method) or {}), **variant_options}
+        if "num_classes" in getattr(spec.options, "model_fields", {}) and "num_classes" not in method_options[method]:
             # MDA's ETF size C comes from the merged tasks' class counts.
-            method_options[method] = {**(method_options.get(method) or {}),
-                                      "num_classes": [len(data[n].labels) for n in task_names]}
+            method_options[method]["num_classes"] = [len(data[n].labels) for n in task_names]
         grid = [float(x) for x in (lam_grid if lam_grid is not None else spec.lambda_grid or (spec.default_lambda,))]
         t0 = time.perf_counter()
-        tau = merged_task_vector(base_sd, task_sds, method, method_options.get(method))
+        tau = merged_task_vector(base_sd, task_sds, name, method_options[method])
         merge_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
 
@@ -247,13 +254,14 @@ def run_benchmark(
         unseen_test = _evaluate_all(ev, chosen_sd, unseen_heads, unseen_data, "test") if unseen else {}
         results["methods"][method] = {
             **summary(test),
+            "method": name,
             "lambda": lam,
             "avg_normalized_val": best_score,
             "grid": grid,
             "grid_points_evaluated": len(curve),
             "val_curve": curve,
             "unseen_test": unseen_test,
-            "options": dict(method_options.get(method) or {}),
+            "options": dict(method_options[method]),
             "merge_seconds": merge_seconds,
             "sweep_seconds": time.perf_counter() - t0,
         }
@@ -347,10 +355,31 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """``"LABEL=METHOD:key=value,key=value"`` → ``(LABEL, (METHOD, options))``; values are parsed as YAML
+    (``METHOD`` defaults to ``LABEL``; a value with commas is not supported)."""
+    import yaml
+
+    label, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    if not label.strip():
+        raise OptionError(f"option variant: expected LABEL=METHOD:key=value,..., got {text!r}")
+    options: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OptionError(f"option variant {label!r}: expected key=value, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return label.strip(), ((method or label).strip(), options)
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of the benchmark command (reusable as a ``taskmerge bench`` subcommand)."""
     p = parser or argparse.ArgumentParser(prog="python -m taskmerge.bench", description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all data-free methods)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD:key=value,...",
+                   help="an extra row: METHOD with these options under LABEL, e.g. "
+                        "'dc_merge_linear=dc_merge:setting=lora,smoothing=linear' (repeatable)")
     p.add_argument("--tasks", default="8", help="4, 8, all, or comma-separated task names (default 8)")
     p.add_argument("--recipe", default="full", choices=["full", "lora"])
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per task (default: the recipe's)")
@@ -381,6 +410,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         progress=not args.no_progress,
         patience=args.patience,
+        variants=dict(parse_variant(v) for v in args.variant),
     )
     sys.stdout.write(markdown_report(results))
     return 0

@@ -71,6 +71,8 @@ def evaluate_databased(
     max_length: int = 48,
     val_split: bool = True,
     progress: bool = True,
+    unseen_data: Mapping[str, Any] | None = None,
+    unseen_heads: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run data-based ``method`` on the benchmark's pieces and report test accuracy (see the module docstring).
 
@@ -90,9 +92,13 @@ def evaluate_databased(
         max_length: tokenisation length (the recipe's).
         val_split: MDA-AM: class means from the validation split's labels (else pseudo-labels).
         progress: progress bar of the training loop (unless ``options`` sets ``progress``).
+        unseen_data, unseen_heads: tasks held out of the merge, evaluated (test) with their own heads on the
+            merged encoder (``unseen_test`` of the result, as the runner's rows).
 
     Returns:
-        ``test`` / ``normalized_test`` per task and their averages, ``val`` per task, the start method and λ,
+        A row in the format of :func:`taskmerge.bench.runner.run_benchmark`'s ``results["methods"][name]``
+        (``test`` / ``normalized_test`` per task and their averages, ``lambda`` = the start's λ, ``unseen_test``),
+        plus ``val`` per task, the start method and λ,
         the loss history (``loss``: per step; ``loss_curve``: smoothed, every 5th step), ``info`` and seconds.
     """
     spec = get_data_method(method)
@@ -125,6 +131,8 @@ def evaluate_databased(
     new_heads = dict(zip(names, result.heads))
     test = _accuracies(evaluator, result.state_dict, new_heads, data, "test")
     val = {n: evaluator.accuracy(new_heads[n], data[n].val) for n in names}
+    unseen_test = ({n: evaluator.accuracy(unseen_heads[n], unseen_data[n].test) for n in unseen_data}
+                   if unseen_data and unseen_heads else {})
     hist = result.history
     smooth = hist.smoothed(10)
     info = {k: v for k, v in result.info.items() if k != "lambdas" and not isinstance(v, torch.Tensor)}
@@ -140,6 +148,8 @@ def evaluate_databased(
         "method": method,
         "start_method": start_method(method, parsed),
         "start_lambda": float(start_lambda),
+        "lambda": float(start_lambda),
+        "unseen_test": unseen_test,
         "adapt_split": adapt_split,
         "options": opts.model_dump(),
         "loss": hist.loss,
@@ -434,16 +444,11 @@ def markdown_table(results: Mapping[str, Any]) -> str:
 
 
 def _parse_config(text: str) -> dict[str, Any]:
-    """``name=method:key=value,key=value`` (values parsed as YAML)."""
-    import yaml
+    """``name=method:key=value,key=value`` (values parsed as YAML; :func:`taskmerge.bench.runner.parse_variant`)."""
+    from taskmerge.bench.runner import parse_variant
 
-    name, _, rest = text.partition("=")
-    method, _, opts = rest.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        k, _, v = item.partition("=")
-        options[k.strip()] = yaml.safe_load(v)
-    return {"name": name, "method": method or name, "options": options}
+    name, (method, options) = parse_variant(text)
+    return {"name": name, "method": method, "options": options}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

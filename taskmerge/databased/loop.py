@@ -60,6 +60,7 @@ __all__ = [
     "mean_pool_features",
     "task_vectors",
     "count_parameters",
+    "changed_names",
     "parse_options_as",
 ]
 
@@ -405,6 +406,11 @@ def task_vectors(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapping
         if bool((stack != 0).any()):
             out[name] = stack
     return out
+
+
+def changed_names(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    """Floating tensors that at least one fine-tuned model changed (what a teacher's parameter dict must hold)."""
+    return [n for n, v in base_sd.items() if v.is_floating_point() and any(not torch.equal(sd[n], v) for sd in task_sds)]
 
 
 def count_parameters(state_dict: Mapping[str, torch.Tensor]) -> int:

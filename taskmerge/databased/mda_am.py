@@ -74,10 +74,11 @@ from taskmerge.databased.loop import (
     FunctionalEncoder,
     LabeledInputs,
     LoopOptions,
-    parse_options_as,
+    changed_names,
     entropy,
     entropy_scales,
     head_logits,
+    parse_options_as,
     run_loop,
     subset_inputs,
     task_vectors,
@@ -300,8 +301,9 @@ def mda_am(
     expert_labels: list[torch.Tensor] | None = None
     if opts.rotation and opts.pseudo_labels == "expert":
         expert_labels = []
+        changed = changed_names(base_sd, task_sds)
         for t in range(T):
-            feats = encoder.features({n: task_sds[t][n] for n in names}, inputs[t], opts.feature_batch_size)
+            feats = encoder.features({n: task_sds[t][n] for n in changed}, inputs[t], opts.feature_batch_size)
             expert_labels.append(head_logits(heads[t], feats).argmax(-1))
 
     def mean_sources(params: Mapping[str, torch.Tensor], rotations: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -53,10 +53,11 @@ from taskmerge.databased.loop import (
     DataMergeResult,
     FunctionalEncoder,
     LoopOptions,
-    parse_options_as,
     cache_features,
+    changed_names,
     count_parameters,
     head_logits,
+    parse_options_as,
     run_loop,
     subset_inputs,
     with_weight,
@@ -213,10 +214,8 @@ def moma(
     dim = int(heads[0].weight.shape[1])
 
     # teacher features g(x; θ_t), computed once
-    names = list(tau)
-    changed = set(names)
-    for sd in task_sds:  # a tensor a task changed but τ_agg does not (e.g. TIES trims it) still differs in θ_t
-        changed.update(n for n, v in base_sd.items() if v.is_floating_point() and not torch.equal(sd[n], v))
+    changed = changed_names(base_sd, task_sds)  # every tensor some θ_t changed (τ_agg may trim some, e.g. TIES)
+    logger.info("moma: caching teacher features of %d tasks (%d inputs)", T, sum(len(x) for x in inputs))
     teachers = [cache_features(encoder, {n: sd[n] for n in changed}, x, opts.feature_batch_size)
                 for sd, x in zip(task_sds, inputs)]
 

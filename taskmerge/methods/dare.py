@@ -20,6 +20,7 @@ Choices:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -29,23 +30,51 @@ from taskmerge.methods.task_arithmetic import TA_LAMBDA_GRID
 from taskmerge.methods.ties import disjoint_mean, ties_elect_sign, ties_trim
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
-__all__ = ["DareOptions", "dare_drop", "dare"]
+__all__ = ["DareOptions", "dare_drop", "dare_sum", "dare"]
+
+
+def _dropped_rows(deltas: torch.Tensor, p: float, generator: torch.Generator | None,
+                  rescale: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(t, δ̂_t)`` task by task: one task's random draw in memory at a time."""
+    scale = 1.0 / (1.0 - p) if rescale else 1.0
+    for t, d in enumerate(deltas):
+        u = torch.rand(d.shape, generator=generator, device=d.device, dtype=d.dtype)
+        kept = u >= p  # P(kept) = 1 − p
+        del u
+        yield t, torch.where(kept, d * scale if scale != 1.0 else d, 0)
 
 
 def dare_drop(deltas: torch.Tensor, p: float, generator: torch.Generator | None = None,
               rescale: bool = True) -> torch.Tensor:
     """Drop each entry with probability ``p`` and rescale the survivors by ``1 / (1 − p)`` (DARE).
 
-    ``generator`` must live on ``deltas``' device. ``p = 0`` returns the input unchanged.
+    ``generator`` must live on ``deltas``' device; the tasks are drawn one after the other from it.
+    ``p = 0`` returns the input unchanged.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dare_drop: the drop rate p must be in [0, 1), got {p}")
+    _check_rate(p)
     if p == 0.0:
         return deltas
-    u = torch.rand(deltas.shape, generator=generator, device=deltas.device, dtype=deltas.dtype)
-    kept = u >= p  # P(kept) = 1 − p
-    scale = 1.0 / (1.0 - p) if rescale else 1.0
-    return torch.where(kept, deltas * scale, 0)
+    out = torch.empty_like(deltas)
+    for t, row in _dropped_rows(deltas, p, generator, rescale):
+        out[t] = row
+    return out
+
+
+def dare_sum(deltas: torch.Tensor, p: float, generator: torch.Generator | None = None,
+             rescale: bool = True) -> torch.Tensor:
+    """``Σ_t δ̂_t``: the sum of :func:`dare_drop`'s output (same draws), without holding all T dropped updates."""
+    _check_rate(p)
+    if p == 0.0:
+        return deltas.sum(dim=0)
+    total = torch.zeros_like(deltas[0])
+    for _, row in _dropped_rows(deltas, p, generator, rescale):
+        total += row
+    return total
+
+
+def _check_rate(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dare_drop: the drop rate p must be in [0, 1), got {p}")
 
 
 class DareOptions(MethodOptions):
@@ -74,8 +103,9 @@ class DareOptions(MethodOptions):
 )
 def dare(deltas: torch.Tensor, options: DareOptions, ctx: LayerContext) -> torch.Tensor:
     """DARE on one tensor: drop-and-rescale every task update, then combine."""
-    dropped = dare_drop(deltas, options.p, ctx.generator(deltas.device), options.rescale)
+    generator = ctx.generator(deltas.device)
     if options.combine == "task_arithmetic":
-        return dropped.sum(dim=0)
+        return dare_sum(deltas, options.p, generator, options.rescale)
+    dropped = dare_drop(deltas, options.p, generator, options.rescale)
     trimmed = ties_trim(dropped, options.ties_keep)
     return disjoint_mean(trimmed, ties_elect_sign(trimmed))

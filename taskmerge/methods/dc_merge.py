@@ -59,18 +59,30 @@ Ambiguities (the spec's proposed reading is the default, the alternative an opti
   (truncated) task update, TIES (a mean) gives it divided by T — the mask discards the off-diagonal blocks.
 * With ``cover_space = false`` the cover constraint ``rT ≤ min(m, n)`` does not apply; ``r`` is only
   capped at ``min(m, n)``.
+
+**Low-rank route** (spec §3.4, "Efficient LoRA SVD"). When every task's update of the matrix comes in
+factored form (PEFT LoRA adapters, ``ctx.factors``: ``Δ_i = s_i B_i A_i``), step 1 takes each task's top-``r``
+SVD from the factors with :func:`taskmerge.linalg.lowrank_svd` (QR of ``B_i`` and ``A_iᵀ``, SVD of the
+``r_L × r_L`` core), in any setting; the m×n updates are not decomposed, nor read (zero tasks are those
+with a zero factor, finiteness is checked on the factors), except by the averaging fallback of a matrix
+too small for a cover space. A task of LoRA rank ``r_L < r`` yields ``r_L``
+triplets, completed by absent (zero) directions, which the dense route marks null anyway. The rest of
+the algorithm is unchanged and the result equals the dense route's up to rounding; ``lowrank = false``
+forces the dense route. Only the merged update is formed as an m×n matrix (and, with
+``cover_space = false``, the T smoothed updates that the entry-wise merge needs).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
 from pydantic import Field, ValidationError, model_validator
 
 from taskmerge.errors import OptionError
-from taskmerge.linalg import polar, svd, truncated_svd
+from taskmerge.linalg import SVD, LowRank, polar, svd, truncated_svd
 from taskmerge.methods.ties import ties_merge
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
@@ -118,6 +130,7 @@ class DCMergeOptions(MethodOptions):
             (``None``: ``max(m, n)·eps`` of the compute dtype).
         polar_rtol: singular values of the stacked bases ``≤ polar_rtol·s_max`` are dropped from the polar
             factor (``None``: ``max(rows, k)·eps``).
+        lowrank: take the per-task SVDs from the LoRA factors when the engine provides them.
     """
 
     setting: Literal["full", "lora"] = "full"
@@ -136,6 +149,7 @@ class DCMergeOptions(MethodOptions):
     drop_zero_tasks: bool = True
     null_rtol: float | None = Field(default=None, ge=0.0)
     polar_rtol: float | None = Field(default=None, ge=0.0)
+    lowrank: bool = True
 
     @model_validator(mode="after")
     def _exclusive_block(self) -> DCMergeOptions:
@@ -338,6 +352,21 @@ def resolve_rank(options: DCMergeOptions, m: int, n: int, tasks: int, *, name: s
     return r
 
 
+def _padded_svd(part: LowRank, r: int) -> SVD:
+    """Top-``r`` triplets of a factored update (:meth:`LowRank.svd`), completed to exactly ``r`` by zero
+    triplets (absent directions) when its rank is below ``r``."""
+    dec = part.svd(r)
+    missing = r - dec.S.shape[0]
+    if missing <= 0:
+        return dec
+    m, n = part.shape
+    return SVD(
+        torch.cat([dec.U, dec.U.new_zeros(m, missing)], dim=1),
+        torch.cat([dec.S, dec.S.new_zeros(missing)]),
+        torch.cat([dec.Vh, dec.Vh.new_zeros(missing, n)], dim=0),
+    )
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -373,18 +402,34 @@ def dc_merge(
     if tasks == 0 or m == 0 or n == 0:
         raise OptionError(f"dc_merge: {name}: nothing to merge (shape {tuple(deltas.shape)})")
     work = _compute_dtype(deltas.dtype)
-    x = deltas.to(work)
-    if not torch.isfinite(x).all():
-        raise OptionError(f"dc_merge: {name}: task updates contain NaN or inf")
+    factors = ctx.factors if ctx is not None and opts.lowrank else None
+    if factors is not None:
+        if len(factors) != tasks or any(f.shape != (m, n) for f in factors):
+            raise OptionError(f"dc_merge: {name}: factors {[f.shape for f in factors]} do not match the updates "
+                              f"{tuple(deltas.shape)}")
+        parts = [f.to(work, deltas.device) for f in factors]
+        if not all(bool(torch.isfinite(p.B).all() and torch.isfinite(p.A).all()) and math.isfinite(p.scale)
+                   for p in parts):
+            raise OptionError(f"dc_merge: {name}: LoRA factors contain NaN or inf")
+        nonzero = torch.tensor([p.scale != 0 and bool(p.B.any()) and bool(p.A.any()) for p in parts])
+        x = None
+    else:
+        parts = None
+        x = deltas.to(work)
+        if not torch.isfinite(x).all():
+            raise OptionError(f"dc_merge: {name}: task updates contain NaN or inf")
+        nonzero = x.reshape(tasks, -1).abs().amax(dim=1) > 0
 
     if opts.drop_zero_tasks:
-        nonzero = x.reshape(tasks, -1).abs().amax(dim=1) > 0
         idx = nonzero.nonzero().flatten()
         if idx.numel() == 0:
             return torch.zeros((m, n), dtype=deltas.dtype, device=deltas.device)
         if idx.numel() < tasks:
-            x = x.index_select(0, idx)
-    t_eff = x.shape[0]
+            if parts is not None:
+                parts = [parts[int(i)] for i in idx]
+            else:
+                x = x.index_select(0, idx.to(x.device))
+    t_eff = len(parts) if parts is not None else x.shape[0]
 
     r = resolve_rank(opts, m, n, t_eff, name=name)
     if r == 0:
@@ -396,7 +441,7 @@ def dc_merge(
 
     us, ss, vhs = [], [], []
     for i in range(t_eff):
-        dec = truncated_svd(x[i], r)
+        dec = _padded_svd(parts[i], r) if parts is not None else truncated_svd(x[i], r)
         us.append(dec.U)
         ss.append(dec.S)
         vhs.append(dec.Vh)

@@ -33,9 +33,40 @@ on their transposes (LAPACK's SVD of a 768 × 3072 matrix is several times slowe
 factors are the same). Both methods follow the official code in
 keeping all r directions, also when Δ_TA is rank-deficient (e.g. LoRA updates), where the trailing
 directions are whatever the SVD returns for its null space and σ̄ includes the zero singular values.
+
+**LoRA updates: the subspace size** (option ``subspace``; the paper is not explicit, this is our reading).
+The official code and the paper's full fine-tuning protocol use r = min(m, n) directions
+(``subspace = "full"``, the default: today's behaviour). On LoRA updates that keeps r − rank(Δ_TA)
+arbitrary null-space directions, all weighted by σ̄, and a σ̄ diluted by the zero singular values. The
+paper's LoRA experiments (Table 2 of Marczak et al., KnOTS protocol) work in a subspace of size
+"rank T × LoRA rank"; ``subspace = "lora"`` reads this as
+
+* R = min(min(m, n), Σ_t rank_t), with rank_t the LoRA inner dimension of task t (``ctx.factors``, when the
+  engine has the factors), else the numerical rank of the dense Δ_t (singular values above
+  max(m, n)·ε·σ_max, the usual tolerance);
+* Iso-C: the top-R triplets of Δ_TA, Δ = σ̄_R U_R V_Rᵀ with σ̄_R the mean of those R singular values;
+* Iso-CTS: R replaces r in the split (k + T·s = R, ``iso_cts_split(R, …)``) and in σ̄ (the mean of the R
+  kept singular values).
+
+In ``lora`` mode, a kept triplet whose singular value is numerically zero (≤ max(m, n)·ε·max_t ‖Δ_t‖_F;
+Δ_TA has rank < R when tasks share directions, a task's residual has rank < s when its LoRA rank is
+small) counts in σ̄ as a zero but its (arbitrary) directions are left out of U*, V* (and out of the U_k
+that the tasks are projected off): the result is then deterministic and the same on both routes below.
+For generic LoRA updates (Σ_t rank_t independent directions) no triplet is dropped.
+
+**Low-rank route** (``subspace = "lora"`` only). With the factors (``ctx.factors``, Δ_t = s_t B_t A_t) no
+m × n matrix is decomposed: the SVD of Δ_TA comes from :func:`taskmerge.linalg.lowrank_svd` of the stacked
+factors ([s_1 B_1 … s_T B_T], [A_1; …; A_T]) (:func:`taskmerge.linalg.lowrank_sum`), and each task's
+residual (I − U_k U_kᵀ) s_t B_t A_t is the low-rank pair (s_t (B_t − U_k (U_kᵀ B_t)), A_t). Only the merged
+update σ̄ U* V*ᵀ is formed densely. The result equals the dense route's up to rounding; ``lowrank = false``
+forces the dense route (the ranks still come from the factors). ``subspace = "full"`` always takes the
+dense route: it needs all r directions, beyond the span of the factors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -43,22 +74,67 @@ from pydantic import Field
 from taskmerge import linalg
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
-__all__ = ["IsoCOptions", "IsoCtsOptions", "iso_c_merge", "iso_cts_split", "iso_cts_bases", "iso_c", "iso_cts"]
+__all__ = [
+    "IsoCOptions",
+    "IsoCtsOptions",
+    "IsoBases",
+    "iso_c_merge",
+    "iso_lora_rank",
+    "iso_cts_split",
+    "iso_cts_bases",
+    "iso_c",
+    "iso_cts",
+]
+
+Subspace = Literal["full", "lora"]
 
 
 class IsoCOptions(MethodOptions):
-    """Iso-C has no options besides α (λ)."""
+    """Options of ``iso_c`` (besides α, i.e. λ).
+
+    Attributes:
+        subspace: ``full`` keeps all r = min(m, n) directions of Δ_TA (the official code); ``lora`` its top
+            R = min(r, Σ_t rank_t) (the paper's LoRA protocol, see the module docstring).
+        lowrank: with ``subspace = lora``, compute the SVDs from LoRA factors when the engine provides them.
+    """
+
+    subspace: Subspace = "full"
+    lowrank: bool = True
 
 
 class IsoCtsOptions(MethodOptions):
     """Options of ``iso_cts``.
 
     Attributes:
-        common_fraction: share of the rank r given to the common subspace before the divisibility
-            adjustment (the paper's 0.8).
+        common_fraction: share of the rank r (R in ``lora`` mode) given to the common subspace before the
+            divisibility adjustment (the paper's 0.8).
+        subspace: ``full`` splits r = min(m, n) directions (the official code); ``lora`` splits
+            R = min(r, Σ_t rank_t) (the paper's LoRA protocol, see the module docstring).
+        lowrank: with ``subspace = lora``, compute the SVDs from LoRA factors when the engine provides them.
     """
 
     common_fraction: float = Field(0.8, ge=0.0, le=1.0)
+    subspace: Subspace = "full"
+    lowrank: bool = True
+
+
+class IsoBases(NamedTuple):
+    """Isotropic-merge factors: the merged update is ``S.mean() · U Vh`` (:meth:`merged`).
+
+    ``U`` (m, K) and ``Vh`` (K, n) have orthonormal columns / rows; ``S`` holds the kept singular values
+    whose mean is σ̄ (r of them, R in ``lora`` mode). ``K = len(S)`` except in ``lora`` mode, where the
+    directions of numerically zero singular values are left out (their values count in ``S`` as zeros).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    def merged(self) -> torch.Tensor:
+        """``σ̄ · U Vh`` (zeros when no direction is kept)."""
+        if self.U.shape[1] == 0:
+            return self.U.new_zeros(self.U.shape[0], self.Vh.shape[1])
+        return (self.U @ self.Vh).mul_(self.S.mean())
 
 
 def _tall_truncated_svd(a: torch.Tensor, k: int) -> linalg.SVD:
@@ -70,8 +146,10 @@ def _tall_truncated_svd(a: torch.Tensor, k: int) -> linalg.SVD:
 
 
 def _tall_polar(a: torch.Tensor) -> torch.Tensor:
-    """:func:`linalg.polar` computed on the tall orientation (the polar factor commutes with transposition)."""
-    return linalg.polar(a) if a.shape[0] >= a.shape[1] else linalg.polar(a.T).T
+    """:func:`linalg.polar` computed on the tall orientation (the polar factor commutes with transposition),
+    keeping every non-zero singular pair (``rtol=0``) as the official code's ``U Vᵀ`` does: the stacked bases
+    are often ill-conditioned (σ_min / σ_max ~ 1e-5 for ViT-B/32 shapes) without being rank-deficient."""
+    return linalg.polar(a, rtol=0.0) if a.shape[0] >= a.shape[1] else linalg.polar(a.T, rtol=0.0).T
 
 
 def iso_c_merge(total: torch.Tensor) -> torch.Tensor:
@@ -91,39 +169,109 @@ def iso_cts_split(r: int, num_tasks: int, common_fraction: float = 0.8) -> tuple
     return r - s * num_tasks, s
 
 
-def iso_cts_bases(deltas: torch.Tensor, common_fraction: float = 0.8) -> linalg.SVD:
+def iso_lora_rank(deltas: torch.Tensor, factors: Sequence[linalg.LowRank] | None = None) -> int:
+    """R = min(min(m, n), Σ_t rank_t) of a stack (T, m, n): rank_t = ``factors[t].rank`` (the LoRA inner
+    dimension) when given, else the numerical rank of ``deltas[t]``."""
+    t, m, n = deltas.shape
+    if factors is not None:
+        ranks = [f.rank for f in factors]
+    else:
+        ranks = [linalg.numerical_rank(d) for d in deltas]
+    return min(m, n, sum(ranks))
+
+
+def _check_factors(deltas: torch.Tensor, factors: Sequence[linalg.LowRank] | None) -> None:
+    t, m, n = deltas.shape
+    if factors is not None and (len(factors) != t or any(f.shape != (m, n) for f in factors)):
+        raise ValueError(f"iso: factors {[f.shape for f in factors]} do not match updates {tuple(deltas.shape)}")
+
+
+def _nonnull(dec: linalg.SVD, tol: float | None) -> linalg.SVD:
+    """``dec`` without the triplets whose singular value is at most ``tol`` (``None``: all kept)."""
+    if tol is None:
+        return dec
+    keep = dec.S > tol
+    if bool(keep.all()):
+        return dec
+    return linalg.SVD(dec.U[:, keep], dec.S[keep], dec.Vh[keep])
+
+
+def iso_cts_bases(
+    deltas: torch.Tensor,
+    common_fraction: float = 0.8,
+    *,
+    subspace: Subspace = "full",
+    factors: Sequence[linalg.LowRank] | None = None,
+    lowrank: bool = True,
+) -> IsoBases:
     """The Iso-CTS factors ``(U*, S, V*ᵀ)`` of a stack (T, m, n); the merged update is ``S.mean() · U* V*ᵀ``.
 
     ``U*`` (m, r) and ``V*ᵀ`` (r, n) are the orthogonalised bases; ``S`` (r,) the kept singular values
-    (common ones first, then task by task) whose mean is σ̄.
+    (common ones first, then task by task) whose mean is σ̄. With ``subspace = "lora"`` the split is of
+    R = :func:`iso_lora_rank` directions, ``S`` has R entries and the bases may have fewer columns (module
+    docstring); ``factors`` (one :class:`linalg.LowRank` per task, ``factors[t].dense() == deltas[t]``) then
+    give the ranks and, with ``lowrank``, the SVDs (``deltas`` is only read for its shape, dtype and device).
+    ``common_fraction = 1`` gives Iso-C. ``factors`` are ignored with ``subspace = "full"``.
     """
     if deltas.ndim != 3:
         raise ValueError(f"iso_cts expects (T, m, n) task updates, got shape {tuple(deltas.shape)}")
     t, m, n = deltas.shape
-    r = min(m, n)
+    parts: list[linalg.LowRank] | None = None
+    tol: float | None = None
+    if subspace == "lora":
+        _check_factors(deltas, factors)
+        r = iso_lora_rank(deltas, factors)
+        if factors is not None and lowrank:
+            parts = [f.to(deltas.dtype, deltas.device) for f in factors]
+            scale = max(p.norm() for p in parts)
+        else:
+            scale = float(torch.linalg.vector_norm(deltas.reshape(t, -1), dim=1).max()) if t else 0.0
+        tol = max(m, n) * torch.finfo(deltas.dtype).eps * scale
+    elif subspace == "full":
+        r = min(m, n)
+    else:
+        raise ValueError(f"iso: unknown subspace {subspace!r}; expected full or lora")
+    if r == 0:
+        return IsoBases(deltas.new_zeros(m, 0), deltas.new_zeros(0), deltas.new_zeros(0, n))
     k, s = iso_cts_split(r, t, common_fraction)
-    total = deltas.sum(dim=0)
-    common = _tall_truncated_svd(total, k if s > 0 else r)
-    del total
+    if parts is not None:
+        common = linalg.lowrank_sum(parts).svd(k if s > 0 else r)
+    else:
+        total = deltas.sum(dim=0)
+        common = _tall_truncated_svd(total, k if s > 0 else r)
+        del total
+    common = _nonnull(common, tol)
     if s == 0:
-        return common
+        return IsoBases(common.U, _padded(common.S, r), common.Vh)
     u_k = common.U
     us, ss, vhs = [], [], []
-    for d in deltas:
-        part = _tall_truncated_svd(linalg.project_out(u_k, d), s)
+    for i in range(t):
+        if parts is not None:  # (I − U_k U_kᵀ) s B A = s (B − U_k U_kᵀ B) A
+            p = parts[i]
+            part = linalg.LowRank(linalg.project_out(u_k, p.B), p.A, p.scale).svd(s)
+        else:
+            part = _tall_truncated_svd(linalg.project_out(u_k, deltas[i]), s)
+        part = _nonnull(part, tol)
         us.append(part.U)
         ss.append(part.S)
         vhs.append(part.Vh)
     u_ts = linalg.project_out(u_k, torch.cat(us, dim=1))  # exact arithmetic: already ⟂ U_k
     del us
-    u_ts = linalg.polar(u_ts)
+    u_ts = _tall_polar(u_ts)
     eps = torch.finfo(deltas.dtype).eps
-    if u_k.shape[1] and float((u_k.T @ u_ts).abs().max()) > eps ** 0.5:
-        u_star = linalg.polar(torch.cat([u_k, linalg.project_out(u_k, u_ts)], dim=1))  # degenerate case
+    if u_k.shape[1] and u_ts.shape[1] and float((u_k.T @ u_ts).abs().max()) > eps ** 0.5:
+        u_star = _tall_polar(torch.cat([u_k, linalg.project_out(u_k, u_ts)], dim=1))  # degenerate case
     else:
         u_star = torch.cat([u_k, u_ts], dim=1)
     vh_star = _tall_polar(torch.cat([common.Vh, *vhs], dim=0))
-    return linalg.SVD(u_star, torch.cat([common.S, *ss]), vh_star)
+    return IsoBases(u_star, _padded(torch.cat([common.S, *ss]), r), vh_star)
+
+
+def _padded(values: torch.Tensor, size: int) -> torch.Tensor:
+    """``values`` followed by zeros up to ``size`` entries (the dropped null singular values of ``lora`` mode)."""
+    if values.numel() >= size:
+        return values
+    return torch.cat([values, values.new_zeros(size - values.numel())])
 
 
 @register_method(
@@ -136,6 +284,8 @@ def iso_cts_bases(deltas: torch.Tensor, common_fraction: float = 0.8) -> linalg.
 )
 def iso_c(deltas: torch.Tensor, options: IsoCOptions, ctx: LayerContext) -> torch.Tensor:
     """Iso-C of one weight matrix."""
+    if options.subspace == "lora":  # Iso-CTS without task-specific directions is Iso-C
+        return iso_cts_bases(deltas, 1.0, subspace="lora", factors=ctx.factors, lowrank=options.lowrank).merged()
     return iso_c_merge(deltas.sum(dim=0))
 
 
@@ -152,5 +302,6 @@ def iso_c(deltas: torch.Tensor, options: IsoCOptions, ctx: LayerContext) -> torc
 )
 def iso_cts(deltas: torch.Tensor, options: IsoCtsOptions, ctx: LayerContext) -> torch.Tensor:
     """Iso-CTS of one weight matrix: ``σ̄ U* V*ᵀ``."""
-    bases = iso_cts_bases(deltas, options.common_fraction)
-    return (bases.U @ bases.Vh).mul_(bases.S.mean())
+    bases = iso_cts_bases(deltas, options.common_fraction, subspace=options.subspace, factors=ctx.factors,
+                          lowrank=options.lowrank)
+    return bases.merged()

@@ -51,6 +51,7 @@ __all__ = [
     "TiesGlobalThreshold",
     "TiesGlobalState",
     "keep_count",
+    "kth_largest",
     "ties_trim",
     "ties_elect_sign",
     "disjoint_mean",
@@ -69,6 +70,58 @@ def keep_count(n: int, keep: float) -> int:
     return max(1, min(n, int(keep * n + 0.5)))
 
 
+# Below this many entries a row's k-th largest magnitude is taken by ``torch.kthvalue`` directly; above it
+# by a histogram of the leading float bits first (``kth_largest``), which bounds the extra memory.
+_KTHVALUE_MAX = 1 << 22
+# Rows longer than this are scanned in chunks of this many entries by the histogram pass.
+_CHUNK = 1 << 22
+_BITS_VIEW = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry (1 ≤ k ≤ N) of a 1-D tensor of non-negative floats, exactly.
+
+    ``torch.kthvalue`` copies its input and allocates an int64 index per entry (12 bytes per float32
+    entry: 3 GB for the embedding of a 32k-vocabulary LLaMA-1B, 4 tasks). For long float32/float64 rows this
+    first counts the entries per bucket of their 16 leading bits (for non-negative IEEE floats the bit
+    pattern read as an integer is monotone in the value), in chunks, finds the bucket holding the k-th
+    largest, and runs ``kthvalue`` on that bucket's entries only. Memory: one chunk plus one bucket.
+    """
+    if values.ndim != 1:
+        raise ValueError(f"kth_largest expects a 1-D tensor, got shape {tuple(values.shape)}")
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"kth_largest: k must be in [1, {n}], got {k}")
+    view = _BITS_VIEW.get(values.dtype)
+    if n <= _KTHVALUE_MAX or view is None:
+        return torch.kthvalue(values, n - k + 1).values
+    int_dtype, shift = view
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
+    for start in range(0, n, _CHUNK):
+        buckets = values[start:start + _CHUNK].view(int_dtype) >> shift
+        counts += torch.bincount(buckets.long(), minlength=1 << 16)
+    above = counts.flip(0).cumsum(0).flip(0)  # above[b] = entries in buckets ≥ b
+    bucket = int(torch.nonzero(above >= k).max())  # the highest bucket with at least k entries at or above it
+    larger = int(above[bucket + 1]) if bucket + 1 < above.numel() else 0
+    parts = []
+    for start in range(0, n, _CHUNK):
+        chunk = values[start:start + _CHUNK]
+        parts.append(chunk[(chunk.view(int_dtype) >> shift) == bucket])
+    candidates = torch.cat(parts)
+    return torch.kthvalue(candidates, candidates.numel() - (k - larger) + 1).values
+
+
+def _keep_top(row: torch.Tensor, mag: torch.Tensor, thr: torch.Tensor, k: int, out: torch.Tensor) -> None:
+    """Write into ``out`` the entries of ``row`` whose magnitude ``mag`` is above ``thr``, plus the first
+    entries equal to it up to ``k`` in total (ties go to the lowest flat index), zeros elsewhere."""
+    mask = mag >= thr
+    if int(mask.sum()) != k:  # ties at the threshold: keep only the first ones
+        eq = mag == thr
+        quota = k - int((mag > thr).sum())
+        mask = (mag > thr) | (eq & (eq.cumsum(0) <= quota))
+    out.copy_(row).masked_fill_(~mask, 0)
+
+
 def _threshold_mask(mag: torch.Tensor, thr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     """Entries of ``mag`` (T, N) above ``thr`` (T, 1), plus the first ``quota`` (T, 1) entries equal to it."""
     mask = mag > thr
@@ -84,8 +137,9 @@ def ties_trim(deltas: torch.Tensor, keep: float) -> torch.Tensor:
 
     The top-k runs over all non-task dimensions of ``deltas`` (T, *shape), with
     ``k = max(1, round(keep · N))``; ties at the threshold go to the lowest flat index, so exactly
-    ``k`` entries survive per task. Returns a tensor of the same shape (the input itself when
-    ``keep ≥ 1``).
+    ``k`` entries survive per task. Returns a new tensor of the same shape (the input itself when
+    ``keep ≥ 1``). Works task by task (:func:`kth_largest`), so the extra memory is about one task's
+    update, not T of them.
     """
     if deltas.ndim == 0:
         raise ValueError("ties_trim expects a stack of task updates (T, *shape)")
@@ -97,13 +151,16 @@ def ties_trim(deltas: torch.Tensor, keep: float) -> torch.Tensor:
         return deltas
     if k == 0:
         return torch.zeros_like(deltas)
-    mag = flat.abs()
-    thr = torch.kthvalue(mag, n - k + 1, dim=1, keepdim=True).values  # the k-th largest magnitude
-    mask = mag >= thr
-    if not bool((mask.sum(dim=1, dtype=torch.int32) == k).all()):  # ties at the threshold: keep the first ones
+    if deltas.requires_grad:  # autograd (data-based methods): the differentiable whole-stack form
+        mag = flat.abs()
+        thr = torch.kthvalue(mag.detach(), n - k + 1, dim=1, keepdim=True).values
         quota = k - (mag > thr).sum(dim=1, keepdim=True)
-        mask = _threshold_mask(mag, thr, quota)
-    return torch.where(mask, flat, 0).reshape(deltas.shape)
+        return torch.where(_threshold_mask(mag, thr, quota), flat, 0).reshape(deltas.shape)
+    out = torch.empty_like(flat)
+    for i in range(t):
+        mag = flat[i].abs()
+        _keep_top(flat[i], mag, kth_largest(mag, k), k, out[i])
+    return out.reshape(deltas.shape)
 
 
 def ties_elect_sign(deltas: torch.Tensor) -> torch.Tensor:
@@ -113,21 +170,28 @@ def ties_elect_sign(deltas: torch.Tensor) -> torch.Tensor:
     return torch.where(sign == 0, majority, sign)
 
 
-def _agreeing(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Entries that are non-zero and have the elected sign (none where the elected sign is 0)."""
-    return (deltas * sign) > 0
+def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over tasks of the entries that are non-zero with the elected ``sign``, and how many there are per
+    entry (none where the sign is 0). Task by task, so the extra memory is a few single-task tensors."""
+    pos, neg = sign > 0, sign < 0
+    total = torch.zeros_like(deltas[0])
+    count = torch.zeros_like(deltas[0])
+    for d in deltas:
+        agree = (pos & (d > 0)) | (neg & (d < 0))
+        total += torch.where(agree, d, 0)
+        count += agree
+    return total, count
 
 
 def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """TIES step 3: mean over tasks of the non-zero entries whose sign agrees with ``sign`` (0 if none)."""
-    agree = _agreeing(deltas, sign)
-    total = torch.where(agree, deltas, 0).sum(dim=0)
-    return total / agree.sum(dim=0).clamp_min(1)
+    total, count = _agreeing_sum(deltas, sign)
+    return total / count.clamp_min(1)
 
 
 def disjoint_sum(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """The ``dis-sum`` variant of step 3: sum of the entries whose sign agrees with ``sign``."""
-    return torch.where(_agreeing(deltas, sign), deltas, 0).sum(dim=0)
+    return _agreeing_sum(deltas, sign)[0]
 
 
 def ties_merge(deltas: torch.Tensor, keep: float = 0.2) -> torch.Tensor:

@@ -33,12 +33,21 @@ Choices (the official code, AntoAndGar/task_singular_vectors ``compute_and_sum_s
   update, say), change nothing, and the result independent of the backend. Generic (full-rank) updates
   never hit the tolerance, so the result is the official one there.
 
+**Low-rank route.** When every task's update of a matrix comes in factored form (PEFT LoRA adapters,
+``ctx.factors``: Δ_t = s_t B_t A_t), each task's top-k triplets come from
+:func:`taskmerge.linalg.lowrank_svd` of (s_t B_t, A_t) (QR of both factors, SVD of an r_t × r_t core): the
+m × n update is never decomposed, and a task of LoRA rank r_t < k yields r_t triplets, the ones the dense
+route keeps after dropping its numerically zero ones. For a wide matrix (taken on its transpose, below)
+the factors are transposed too, (s B A)ᵀ = s Aᵀ Bᵀ. The result equals the dense route's up to rounding;
+``lowrank = false`` forces the dense route. Only the merged update U⊥ Σ V⊥ᵀ is formed as an m × n matrix.
+
 Tensors that are not 2-D weight matrices are averaged by the engine (``matrix_only``), as in the paper.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -55,10 +64,12 @@ class TsvOptions(MethodOptions):
     Attributes:
         k: singular triplets kept per task; ``None`` = ``max(1, ⌊fraction · r / T⌋)``.
         fraction: share of the rank r = min(m, n) divided among the tasks (1.0 = the paper's r/T each).
+        lowrank: compute the per-task SVDs from LoRA factors when the engine provides them.
     """
 
     k: int | None = Field(None, ge=1)
     fraction: float = Field(1.0, gt=0.0, le=1.0)
+    lowrank: bool = True
 
 
 def tsv_rank(shape: tuple[int, int], num_tasks: int, k: int | None = None, fraction: float = 1.0) -> int:
@@ -69,20 +80,28 @@ def tsv_rank(shape: tuple[int, int], num_tasks: int, k: int | None = None, fract
     return max(1, min(k, r))
 
 
-def tsv_bases(deltas: torch.Tensor, k: int) -> linalg.SVD:
+def tsv_bases(deltas: torch.Tensor, k: int, factors: Sequence[linalg.LowRank] | None = None) -> linalg.SVD:
     """The TSV-M factors ``(U⊥, Σ, V⊥ᵀ)`` of a stack of matrices ``deltas`` (T, m, n), ``k`` triplets per task.
 
     ``U⊥`` is (m, K) and ``V⊥ᵀ`` is (K, n), the polar factors of the concatenated per-task singular
     vectors; ``Σ`` (K,) holds the per-task singular values, task by task. ``K = T·k`` less the numerically
     zero triplets, which are dropped (see the module docstring). The merged update is ``(U⊥ * Σ) @ V⊥ᵀ``.
+
+    With ``factors`` (one :class:`linalg.LowRank` per task, ``factors[t].dense() == deltas[t]``) the
+    per-task triplets come from the factors and ``deltas`` is only read for its shape, dtype and device.
     """
     if deltas.ndim != 3:
         raise ValueError(f"tsv_bases expects (T, m, n) task updates, got shape {tuple(deltas.shape)}")
-    m, n = deltas.shape[1:]
+    t, m, n = deltas.shape
+    if factors is not None and (len(factors) != t or any(f.shape != (m, n) for f in factors)):
+        raise ValueError(f"tsv_bases: factors {[f.shape for f in factors]} do not match updates {tuple(deltas.shape)}")
     eps = torch.finfo(deltas.dtype).eps * max(m, n)
     us, ss, vhs = [], [], []
-    for d in deltas:
-        part = linalg.truncated_svd(d, k)
+    for i in range(t):
+        if factors is not None:
+            part = factors[i].to(deltas.dtype, deltas.device).svd(k)
+        else:
+            part = linalg.truncated_svd(deltas[i], k)
         if part.S.numel() == 0:
             continue
         keep = part.S > eps * part.S[0]  # drop numerically-zero triplets (arbitrary directions)
@@ -113,8 +132,11 @@ def tsv_bases(deltas: torch.Tensor, k: int) -> linalg.SVD:
 def tsv_m(deltas: torch.Tensor, options: TsvOptions, ctx: LayerContext) -> torch.Tensor:
     """TSV-M of one weight matrix: ``U⊥ Σ V⊥ᵀ`` from each task's top-k singular triplets."""
     k = tsv_rank(tuple(deltas.shape[1:]), deltas.shape[0], options.k, options.fraction)
+    factors = ctx.factors if options.lowrank else None
     if deltas.shape[1] < deltas.shape[2]:
         # TSV-M commutes with transposition (the roles of U and V swap); LAPACK's SVD of a wide matrix is
         # several times slower than of its transpose, so the polar factors are taken on the tall side.
-        return tsv_bases(deltas.transpose(1, 2), k).reconstruct().T
-    return tsv_bases(deltas, k).reconstruct()
+        if factors is not None:
+            factors = tuple(f.transpose() for f in factors)  # (s B A)ᵀ = s Aᵀ Bᵀ
+        return tsv_bases(deltas.transpose(1, 2), k, factors).reconstruct().T
+    return tsv_bases(deltas, k, factors).reconstruct()

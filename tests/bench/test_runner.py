@@ -157,3 +157,27 @@ def test_command_line_runs_tiny_suite(tmp_path, cache, capsys, api) -> None:
     assert "| task_arithmetic |" in printed
     js = json.loads(next(out.glob("*.json")).read_text())
     assert js["meta"]["recipe"]["steps"] == 5 and js["methods"]["task_arithmetic"]["grid"] == [0.5, 1.0]
+
+
+def test_variants_run_a_method_with_options_under_a_label(tmp_path, cache, capsys, api) -> None:
+    """``--variant LABEL=METHOD:k=v`` adds a row; with DARE at p=0 (nothing dropped) it must reproduce the task
+    arithmetic row exactly, and its options must be recorded."""
+    out = tmp_path / "variants"
+    code = runner.main(["--backbone", "tiny", "--tasks", "toy_letters,toy_length", "--methods", "task_arithmetic",
+                        "--variant", "dare_p0=dare:p=0.0,combine=task_arithmetic", "--steps", "5",
+                        "--lam-grid", "0.5,1.0", "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert "| dare_p0 |" in capsys.readouterr().out
+    js = json.loads(next(out.glob("*.json")).read_text())
+    row, ta = js["methods"]["dare_p0"], js["methods"]["task_arithmetic"]
+    assert row["method"] == "dare" and row["options"] == {"p": 0.0, "combine": "task_arithmetic"}
+    assert row["val_curve"] == ta["val_curve"] and row["test"] == ta["test"]
+
+
+def test_parse_variant() -> None:
+    from taskmerge.errors import OptionError
+
+    assert runner.parse_variant("x=dc_merge:smoothing=linear,rho=5") == ("x", ("dc_merge", {"smoothing": "linear", "rho": 5}))
+    assert runner.parse_variant("ties") == ("ties", ("ties", {}))
+    with pytest.raises(OptionError, match="key=value"):
+        runner.parse_variant("x=ties:keep")

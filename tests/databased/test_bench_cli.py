@@ -31,6 +31,8 @@ def test_run_databased_on_the_tiny_benchmark(tmp_path: Path, monkeypatch: pytest
     for name, r in res["methods"].items():
         assert set(r["test"]) == {"toy_letters", "toy_length"}
         assert r["start_lambda"] in (0.5, 1.0) and len(r["loss"]) == 2
+        # drop-in rows for taskmerge.bench.runner's results["methods"] (its markdown_report reads these keys)
+        assert {"test", "normalized_test", "avg_test", "avg_normalized_test", "lambda", "unseen_test"} <= set(r)
         assert r["delta_avg_test"] == pytest.approx(r["avg_test"] - res["starts"][r["start_method"]]["avg_test"])
         for t, acc in r["test"].items():
             assert r["normalized_test"][t] == pytest.approx(acc / res["finetuned"]["test"][t])

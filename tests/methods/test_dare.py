@@ -83,3 +83,15 @@ def test_options_are_validated() -> None:
     with pytest.raises(OptionError, match="combine"):
         SPEC.parse({"combine": "mean"})
     assert SPEC.parse({}).p == 0.9
+
+
+def test_dare_sum_is_the_sum_of_the_same_draws() -> None:
+    """The task-arithmetic combination sums task by task; it must use the very draws of ``dare_drop``."""
+    from taskmerge.methods.dare import dare_sum
+
+    d = _deltas()
+    dropped = dare_drop(d, 0.6, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(dare_sum(d, 0.6, torch.Generator().manual_seed(5)), dropped.sum(dim=0))
+    manual = torch.stack([torch.where(torch.rand(d.shape[1:], generator=g, dtype=d.dtype) >= 0.6, x / 0.4, 0)
+                          for g in [torch.Generator().manual_seed(5)] for x in d])
+    torch.testing.assert_close(dropped, manual)

@@ -20,7 +20,9 @@ from taskmerge.methods.dc_merge import (
     dc_merge,
     smooth_spectrum,
 )
+from taskmerge.linalg import LowRank
 from taskmerge.registry import LayerContext, get_method
+from lowrank_helpers import assert_relatively_close, decomposition_shapes, dense, lora_factors
 
 CTX = LayerContext(name="layer.weight")
 
@@ -468,3 +470,65 @@ def test_through_the_merge_engine() -> None:
     # Non-matrix tensors are averaged by the engine (matrix_only).
     mean_b = torch.stack([t["b"] - base["b"] for t in tasks]).mean(0)
     np.testing.assert_allclose(tau["b"].numpy(), mean_b.numpy(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Low-rank route: per-task SVDs from the LoRA factors (ctx.factors)
+# ------------------------------------------------------------------------------------------------
+
+
+def _with(factors) -> LayerContext:
+    return LayerContext(name="layer.weight", factors=factors)
+
+
+@pytest.mark.parametrize("ranks", [(2, 3, 5), (4, 0, 2)])  # ranks below and above r; a zero task (dropped)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"setting": "lora", "lora_rank": 4},  # r = 4: padded rank-2/3 tasks, truncated rank-5 task; TIES
+        {"setting": "lora", "lora_rank": 4, "inner": "ta", "smoothing": "linear"},
+        {"setting": "full"},  # r = ⌊40 / T⌋ > every rank
+        {"setting": "full", "inner": "ta", "drop_zero_tasks": False},
+        {"setting": "lora", "lora_rank": 3, "cover_space": False, "inner": "ta"},  # ES alone
+    ],
+)
+def test_low_rank_route_equals_dense_route(ranks: tuple[int, ...], opts: dict) -> None:
+    factors = lora_factors(48, 40, ranks, seed=31)
+    d = dense(factors)
+    want = dc_merge(d, opts, CTX)
+    assert_relatively_close(dc_merge(d, opts, _with(factors)), want)
+    assert torch.equal(dc_merge(d, {**opts, "lowrank": False}, _with(factors)), want)
+
+
+def test_low_rank_route_through_the_registry_and_wide_matrices() -> None:
+    spec = get_method("dc_merge")
+    factors = lora_factors(24, 56, (3, 1, 2), seed=32)
+    d = dense(factors)
+    opts = spec.parse({"setting": "lora", "lora_rank": 3})
+    assert_relatively_close(spec.fn(d, opts, _with(factors)), spec.fn(d, opts, CTX))
+
+
+def test_low_rank_route_zero_and_bad_factors() -> None:
+    z = torch.zeros(2, 8, 6, dtype=torch.float64)
+    zero = (LowRank(torch.zeros(8, 0, dtype=torch.float64), torch.zeros(0, 6, dtype=torch.float64)),
+            LowRank(torch.zeros(8, 2, dtype=torch.float64), _rand(2, 6, seed=1)))  # rank 0; B = 0 (fresh LoRA)
+    out = dc_merge(z, {"setting": "lora", "lora_rank": 2}, _with(zero))
+    assert torch.equal(out, torch.zeros(8, 6, dtype=torch.float64))
+    nan = (LowRank(_rand(8, 2, seed=2), torch.full((2, 6), math.nan, dtype=torch.float64)),) * 2
+    with pytest.raises(OptionError):
+        dc_merge(z, {}, _with(nan))
+    with pytest.raises(OptionError):
+        dc_merge(z, {}, _with(zero[:1]))  # one factor for two tasks
+
+
+def test_low_rank_route_decomposes_no_m_by_n_matrix() -> None:
+    factors = lora_factors(300, 250, (2, 3, 4), seed=33)
+    d = dense(factors)
+    opts = {"setting": "lora", "lora_rank": 4}
+    with decomposition_shapes() as shapes:
+        low = dc_merge(d, opts, _with(factors))
+    assert shapes and max(min(s) for s in shapes) <= 12  # QR of B_t / A_tᵀ, r_t × r_t cores, T·r = 12 cover bases
+    with decomposition_shapes() as shapes:
+        want = dc_merge(d, opts, CTX)
+    assert max(min(s) for s in shapes) == 250
+    assert_relatively_close(low, want)

@@ -9,8 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskmerge.linalg as linalg
+from taskmerge.errors import OptionError
 from taskmerge.methods.iso import iso_cts_bases, iso_cts_split
 from taskmerge.registry import LayerContext, get_method
+from lowrank_helpers import (
+    assert_relatively_close,
+    decomposition_shapes,
+    dense,
+    lora_factors,
+    peak_rss_bytes,
+    stride_zero_updates,
+)
 
 ISO_C = get_method("iso_c")
 ISO_CTS = get_method("iso_cts")
@@ -24,10 +33,11 @@ def _random(t: int, m: int, n: int, seed: int) -> torch.Tensor:
     return torch.randn(t, m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _numpy_iso_cts(d: np.ndarray, fraction: float = 0.8) -> np.ndarray:
-    """Iso-CTS as the official code builds it (numpy, full SVDs everywhere, task blocks before the common one)."""
+def _numpy_iso_cts(d: np.ndarray, fraction: float = 0.8, r: int | None = None) -> np.ndarray:
+    """Iso-CTS as the official code builds it (numpy, full SVDs everywhere, task blocks before the common one),
+    splitting ``r`` directions (default min(m, n))."""
     t, m, n = d.shape
-    r = min(m, n)
+    r = min(m, n) if r is None else r
     k = int(r * fraction)
     k = r - round((r - k) / t) * t
     s_task = (r - k) // t
@@ -155,3 +165,117 @@ def test_registry_entries() -> None:
     assert ISO_C.matrix_only and ISO_CTS.matrix_only
     assert ISO_C.default_lambda == 1.3 and ISO_CTS.default_lambda == 1.5
     assert ISO_CTS.parse({}).common_fraction == 0.8
+
+
+# ---------------------------------------------------------------- subspace = "lora" and the low-rank route
+def _run_with(spec, d: torch.Tensor, factors, **options) -> torch.Tensor:
+    return spec.fn(d, spec.parse(options), LayerContext(name="w", factors=factors))
+
+
+def _numpy_iso_c_lora(d: np.ndarray, big_r: int) -> np.ndarray:
+    """The paper's LoRA protocol, independently: top-R triplets of the dense Δ_TA, their mean singular value."""
+    u, s, vh = np.linalg.svd(d.sum(0), full_matrices=False)
+    return s[:big_r].mean() * u[:, :big_r] @ vh[:big_r]
+
+
+@pytest.mark.parametrize("m, n", [(48, 40), (40, 48)])
+@pytest.mark.parametrize("ranks", [(2, 3, 5), (4, 0, 2)])
+def test_iso_c_lora_subspace_matches_numpy(m: int, n: int, ranks: tuple[int, ...]) -> None:
+    factors = lora_factors(m, n, ranks, seed=21)
+    d = dense(factors)
+    big_r = sum(ranks)
+    want = _numpy_iso_c_lora(d.numpy(), big_r)
+    # R from the factors' inner dimensions (factor and dense SVD routes) or from the dense numerical ranks
+    for factors_, lowrank in [(factors, True), (factors, False), (None, True)]:
+        got = _run_with(ISO_C, d, factors_, subspace="lora", lowrank=lowrank)
+        assert_relatively_close(got, torch.from_numpy(want), rtol=1e-9)
+    sv = np.linalg.svd(want, compute_uv=False)  # R flat singular values, then zeros
+    np.testing.assert_allclose(sv[:big_r], np.full(big_r, sv[0]), rtol=1e-9)
+    assert sv[big_r] < 1e-9 * sv[0]
+
+
+@pytest.mark.parametrize("m, n", [(48, 40), (40, 48)])
+@pytest.mark.parametrize("ranks", [(2, 3, 5), (4, 0, 2)])
+@pytest.mark.parametrize("fraction", [0.8, 0.0])  # f = 0: s = 3 (resp. 2) exceeds some tasks' ranks
+def test_iso_lora_low_rank_route_equals_dense_route(m: int, n: int, ranks: tuple[int, ...], fraction: float) -> None:
+    factors = lora_factors(m, n, ranks, seed=22)
+    d = dense(factors)
+    for spec, opts in [(ISO_C, {}), (ISO_CTS, {"common_fraction": fraction})]:
+        want = _run_with(spec, d, None, subspace="lora", **opts)
+        assert_relatively_close(_run_with(spec, d, factors, subspace="lora", **opts), want)
+        assert_relatively_close(_run_with(spec, d, factors, subspace="lora", lowrank=False, **opts), want, rtol=1e-9)
+
+
+def test_iso_cts_lora_matches_numpy_with_r_lora_directions() -> None:
+    # generic LoRA updates (no numerically null triplet): the official construction with R = Σ_t rank_t
+    factors = lora_factors(48, 40, (2, 3, 5), seed=23)
+    d = dense(factors)
+    want = _numpy_iso_cts(d.numpy(), 0.8, r=10)
+    assert_relatively_close(_run_with(ISO_CTS, d, factors, subspace="lora"), torch.from_numpy(want))
+    b = iso_cts_bases(d, subspace="lora", factors=factors)
+    assert b.S.shape == (10,) and b.U.shape == (48, 10) and b.Vh.shape == (10, 40)
+
+
+def test_lora_subspace_with_null_triplets() -> None:
+    # two identical tasks: Δ_TA has rank 3 < R = 6; σ̄ counts the 3 zeros, no arbitrary direction is kept
+    (f,) = lora_factors(30, 20, (3,), seed=24)
+    factors = (f, f)
+    d = dense(factors)
+    s = np.linalg.svd(d.sum(0).numpy(), compute_uv=False)
+    u, _, vh = np.linalg.svd(d.sum(0).numpy(), full_matrices=False)
+    want = s[:3].sum() / 6 * u[:, :3] @ vh[:3]
+    for spec in (ISO_C, ISO_CTS):
+        for factors_ in (factors, None):
+            got = _run_with(spec, d, factors_, subspace="lora")
+            assert_relatively_close(got, torch.from_numpy(want), rtol=1e-8)
+
+
+def test_lora_subspace_covering_the_matrix_is_the_full_subspace() -> None:
+    factors = lora_factors(24, 20, (9, 8, 7), seed=25)  # Σ ranks = 24 > min(m, n) = 20: R = r
+    d = dense(factors)
+    for spec in (ISO_C, ISO_CTS):
+        assert_relatively_close(_run_with(spec, d, factors, subspace="lora"), _run(spec, d), rtol=1e-8)
+    # the full subspace ignores the factors (it needs directions outside their span)
+    assert torch.equal(_run_with(ISO_CTS, d, factors), _run(ISO_CTS, d))
+
+
+def test_lora_subspace_zero_updates_give_zero() -> None:
+    z = torch.zeros(3, 6, 5, dtype=torch.float64)
+    factors = tuple(linalg.LowRank(torch.zeros(6, r, dtype=torch.float64), torch.zeros(r, 5, dtype=torch.float64))
+                    for r in (0, 2, 0))
+    for spec in (ISO_C, ISO_CTS):
+        for factors_ in (factors, None):
+            out = _run_with(spec, z, factors_, subspace="lora")
+            assert torch.equal(out, torch.zeros(6, 5, dtype=torch.float64))
+
+
+def test_lora_low_rank_route_decomposes_no_m_by_n_matrix() -> None:
+    factors = lora_factors(300, 250, (2, 3, 4), seed=26)
+    d = dense(factors)
+    for spec in (ISO_C, ISO_CTS):
+        with decomposition_shapes() as shapes:
+            low = _run_with(spec, d, factors, subspace="lora")
+        assert shapes and max(min(s) for s in shapes) <= 9  # QR of the stacked B's, 9 × 9 cores and Grams
+        assert_relatively_close(low, _run_with(spec, d, None, subspace="lora"))
+
+
+def test_subspace_option() -> None:
+    assert ISO_C.parse({}).subspace == "full" and ISO_CTS.parse({}).subspace == "full"
+    assert ISO_C.parse({"subspace": "lora"}).lowrank
+    with pytest.raises(OptionError):
+        ISO_CTS.parse({"subspace": "half"})
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.8])  # Iso-C (no task-specific directions), Iso-CTS
+def test_lora_low_rank_route_scales_to_large_matrices(fraction: float) -> None:
+    # 20000 × 16000 updates of LoRA rank ≤ 4 (2.5 GB each, dense float64): the bases come from the factors alone
+    # (``deltas`` is a stride-0 stand-in that no step may read densely); only σ̄ U* V*ᵀ would be m × n
+    m, n = 20_000, 16_000
+    factors = lora_factors(m, n, (4, 3, 4), seed=27)
+    before = peak_rss_bytes()
+    b = iso_cts_bases(stride_zero_updates(3, m, n), fraction, subspace="lora", factors=factors)
+    assert peak_rss_bytes() - before < 500 * 2**20
+    assert b.U.shape == (m, 11) and b.S.shape == (11,) and b.Vh.shape == (11, n)
+    eye = torch.eye(11, dtype=torch.float64)
+    torch.testing.assert_close(b.U.T @ b.U, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.Vh @ b.Vh.T, eye, atol=1e-10, rtol=0)

@@ -195,3 +195,38 @@ def test_global_scope_through_the_merge_engine() -> None:
                              policy=TensorPolicy(exclude=()), compute_dtype=torch.float64)
     torch.testing.assert_close(tau["a.weight"], torch.tensor([10.0, 9.0, 8.0, 7.0], dtype=torch.float64))
     torch.testing.assert_close(tau["b.weight"], torch.tensor([5.0, -6.0, 7.0, -8.0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- the memory-lean k-th largest
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 7, 1_000_003, 5_000_000])
+def test_kth_largest_on_long_rows_matches_a_full_sort(dtype: torch.dtype, k: int) -> None:
+    """Above the direct-kthvalue size the histogram route runs; it must equal the sorted order statistic,
+    with heavy ties (rounded values) and zeros in the row."""
+    from taskmerge.methods import ties as ties_module
+
+    g = torch.Generator().manual_seed(k)
+    n = ties_module._KTHVALUE_MAX + 1_000_001
+    values = torch.randn(n, generator=g, dtype=torch.float64).abs()
+    values[: n // 10] = torch.round(values[: n // 10] * 8) / 8  # many exact ties
+    values[-1000:] = 0.0
+    values = values.to(dtype)
+    expected = np.sort(values.numpy())[::-1][k - 1]
+    assert float(ties_module.kth_largest(values, k)) == float(expected)
+
+
+def test_lean_trim_keeps_exactly_k_on_a_long_tied_row() -> None:
+    """Per-task trimming of a row long enough for the histogram route: exactly k survivors, the largest."""
+    from taskmerge.methods import ties as ties_module
+
+    n = ties_module._KTHVALUE_MAX + 12_345
+    g = torch.Generator().manual_seed(3)
+    d = torch.round(torch.randn(2, n, generator=g) * 4) / 4  # coarse values: thousands tied at the threshold
+    out = ties_trim(d, 0.2)
+    k = round(0.2 * n)
+    for t in range(2):
+        kept = out[t] != 0
+        assert int(kept.sum()) == k
+        mags = d[t].abs()
+        assert float(mags[kept].min()) >= float(mags[~kept].max())
+        torch.testing.assert_close(out[t][kept], d[t][kept])

@@ -11,6 +11,14 @@ from hypothesis import strategies as st
 import taskmerge.linalg as linalg
 from taskmerge.methods.tsv import tsv_bases, tsv_rank
 from taskmerge.registry import LayerContext, get_method
+from lowrank_helpers import (
+    assert_relatively_close,
+    decomposition_shapes,
+    dense,
+    lora_factors,
+    peak_rss_bytes,
+    stride_zero_updates,
+)
 
 SPEC = get_method("tsv_m")
 
@@ -142,3 +150,52 @@ def test_float32_matches_float64() -> None:
 def test_registry_entry() -> None:
     assert SPEC.matrix_only and SPEC.default_lambda == 1.0
     assert SPEC.lambda_grid[0] == 0.1 and SPEC.lambda_grid[-1] == 3.0
+
+
+# ---------------------------------------------------------------- low-rank route (LoRA factors in ctx.factors)
+def _run_with(d: torch.Tensor, factors, **options) -> torch.Tensor:
+    return SPEC.fn(d, SPEC.parse(options), LayerContext(name="w", factors=factors))
+
+
+@pytest.mark.parametrize("m, n", [(48, 40), (40, 48)])  # tall, and wide (taken on the transposed factors)
+@pytest.mark.parametrize("ranks", [(2, 3, 5), (4, 0, 2)])  # different ranks; a task that leaves the matrix alone
+@pytest.mark.parametrize("k", [None, 3])  # k = 13 > every rank; k = 3 truncates the rank-4/5 tasks
+def test_low_rank_route_equals_dense_route(m: int, n: int, ranks: tuple[int, ...], k: int | None) -> None:
+    factors = lora_factors(m, n, ranks, seed=11)
+    d = dense(factors)
+    opts = {} if k is None else {"k": k}
+    want = _run_with(d, None, **opts)
+    assert_relatively_close(_run_with(d, factors, **opts), want)
+    assert torch.equal(_run_with(d, factors, lowrank=False, **opts), want)
+
+
+def test_low_rank_route_in_float32() -> None:
+    factors = lora_factors(48, 40, (2, 3, 5), seed=13, dtype=torch.float32, std=0.1)
+    d = dense(factors)
+    assert_relatively_close(_run_with(d, factors), _run_with(d, None), rtol=1e-4)
+
+
+def test_low_rank_route_decomposes_no_m_by_n_matrix() -> None:
+    factors = lora_factors(300, 250, (2, 3, 4), seed=12)
+    d = dense(factors)
+    with decomposition_shapes() as shapes:
+        low = _run_with(d, factors)
+    assert shapes and max(min(s) for s in shapes) <= 9  # QR of B_t / A_tᵀ, r_t × r_t cores, 9 × 9 polar Grams
+    with decomposition_shapes() as shapes:
+        want = _run_with(d, None)
+    assert max(min(s) for s in shapes) == 250  # the dense route does decompose the updates
+    assert_relatively_close(low, want)
+
+
+def test_low_rank_route_scales_to_large_matrices() -> None:
+    # 20000 × 16000 updates of LoRA rank ≤ 4: each dense update would take 2.5 GB (float64); the bases come
+    # from the factors alone (``deltas`` is a stride-0 stand-in that no step may read densely)
+    m, n = 20_000, 16_000
+    factors = lora_factors(m, n, (4, 3, 4), seed=14)
+    before = peak_rss_bytes()
+    b = tsv_bases(stride_zero_updates(3, m, n), 5, factors)
+    assert peak_rss_bytes() - before < 500 * 2**20
+    assert b.U.shape == (m, 11) and b.Vh.shape == (11, n)
+    eye = torch.eye(11, dtype=torch.float64)
+    torch.testing.assert_close(b.U.T @ b.U, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.Vh @ b.Vh.T, eye, atol=1e-10, rtol=0)
