@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -122,9 +123,11 @@ def main() -> None:
     parser.add_argument("--reference64", action="store_true",
                         help="also run FusionBench in float64 and compare both float32 outputs with it")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--md", type=Path, help="also write the Markdown table here")
     args = parser.parse_args()
 
     have_fb = not args.no_fusionbench and importlib.util.find_spec("fusion_bench") is not None
+    load_before = [round(x, 2) for x in os.getloadavg()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -146,24 +149,50 @@ def main() -> None:
             print(f"  {method}: {row['ours']['seconds']:.2f} s", file=sys.stderr)
     report = {
         "benchmark": "merge_speed", "tasks": args.tasks, "layers": args.layers,
-        "machine": {"platform": platform.platform(), "cpus": mp.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": mp.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
+                    "load_after": [round(x, 2) for x in os.getloadavg()]},
         "fusionbench": have_fb, "results": rows,
     }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    print("\n| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speedup | max rel diff "
-          "| ours vs float64 | FB vs float64 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    table = markdown(report)
+    print("\n" + table)
+    if args.md:
+        args.md.write_text(table)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table with the machine and the run's settings."""
+    m = report["machine"]
+    lines = [
+        f"CLIP ViT-B/32 shapes, {report['tasks']} tasks, {report['layers']} layers; {m['cpu']}, {m['cpus']} cores, "
+        f"torch {m['torch']} ({m['threads']} threads); load average before / after: {m['load_before']} / "
+        f"{m['load_after']}. taskmerge: its default thread pool; FusionBench 0.2.33: torch's default threads.",
+        "",
+        "| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speed-up | max rel diff "
+        "| ours vs float64 | FB vs float64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
         fb = r.get("fusionbench")
         ref = (f"{r['ours_vs_float64']:.1e} | {r['fusionbench_vs_float64']:.1e} |" if "ours_vs_float64" in r
                else "– | – |")
-        print(f"| {r['method']} | {r['ours']['seconds']:.2f} | {r['ours']['peak_rss_mb']:.0f} | "
-              + (f"{fb['seconds']:.2f} | {fb['peak_rss_mb']:.0f} | {r['speedup']:.1f}x | {r['max_rel_diff']:.1e} | "
-                 if fb else "– | – | – | – | ") + ref)
-
+        lines.append(f"| {r['method']} | {r['ours']['seconds']:.2f} | {r['ours']['peak_rss_mb']:.0f} | "
+                     + (f"{fb['seconds']:.2f} | {fb['peak_rss_mb']:.0f} | {r['speedup']:.1f}× | {r['max_rel_diff']:.1e} | "
+                        if fb else "– | – | – | – | ") + ref)
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

