@@ -199,3 +199,24 @@ def test_low_rank_route_scales_to_large_matrices() -> None:
     eye = torch.eye(11, dtype=torch.float64)
     torch.testing.assert_close(b.U.T @ b.U, eye, atol=1e-10, rtol=0)
     torch.testing.assert_close(b.Vh @ b.Vh.T, eye, atol=1e-10, rtol=0)
+
+
+def test_ill_conditioned_but_full_rank_bases_keep_every_direction() -> None:
+    """Two tasks whose top left singular vectors differ by ~1e-5: the stacked U (512 × 16) has σ_min/σ_max ~ 1e-5,
+    below the usual max(m, n)·eps rank tolerance of float32 (6e-5 here) but far above the float32 eps, so it is
+    not rank-deficient. Its polar factor, as the reference code's U Vᵀ, has 16 orthonormal columns; dropping
+    the small direction would leave a rank-15 partial isometry."""
+    rng = np.random.default_rng(7)
+    t, m, n, k = 4, 512, 16, 4
+    d = rng.normal(size=(t, m, n))
+    u, s, _ = np.linalg.svd(d[0], full_matrices=False)
+    u1, _ = np.linalg.qr(np.column_stack([u[:, 0] + 1e-5 * rng.normal(size=m) / np.sqrt(m), rng.normal(size=(m, n - 1))]))
+    s1 = np.sort(rng.uniform(1, 2, n))[::-1] * s[0]  # task 1's top left direction ≈ task 0's
+    d[1] = (u1 * s1) @ np.linalg.qr(rng.normal(size=(n, n)))[0]
+    stacked = np.concatenate([u[:, :k], u1[:, :k]], 1)
+    sv = np.linalg.svd(stacked, compute_uv=False)
+    assert 1e-6 < sv[-1] / sv[0] < 2e-5
+    bases = tsv_bases(torch.tensor(d, dtype=torch.float32), k)
+    assert bases.U.shape == (m, t * k)
+    gram = (bases.U.double().T @ bases.U.double()).numpy()
+    np.testing.assert_allclose(gram, np.eye(t * k), atol=1e-4)
