@@ -52,6 +52,7 @@ __all__ = [
     "TiesGlobalState",
     "keep_count",
     "kth_largest",
+    "ties_trim_mask",
     "ties_trim",
     "ties_elect_sign",
     "disjoint_mean",
@@ -111,15 +112,15 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(candidates, candidates.numel() - (k - larger) + 1).values
 
 
-def _keep_top(row: torch.Tensor, mag: torch.Tensor, thr: torch.Tensor, k: int, out: torch.Tensor) -> None:
-    """Write into ``out`` the entries of ``row`` whose magnitude ``mag`` is above ``thr``, plus the first
-    entries equal to it up to ``k`` in total (ties go to the lowest flat index), zeros elsewhere."""
+def _top_mask(mag: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
+    """The entries of ``mag`` above ``thr``, plus the first entries equal to it up to ``k`` in total (ties go to
+    the lowest flat index)."""
     mask = mag >= thr
     if int(mask.sum()) != k:  # ties at the threshold: keep only the first ones
         eq = mag == thr
         quota = k - int((mag > thr).sum())
         mask = (mag > thr) | (eq & (eq.cumsum(0) <= quota))
-    out.copy_(row).masked_fill_(~mask, 0)
+    return mask
 
 
 def _threshold_mask(mag: torch.Tensor, thr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
@@ -132,60 +133,74 @@ def _threshold_mask(mag: torch.Tensor, thr: torch.Tensor, quota: torch.Tensor) -
     return mask | (eq & (eq.cumsum(dim=1) <= quota))
 
 
-def ties_trim(deltas: torch.Tensor, keep: float) -> torch.Tensor:
-    """TIES step 1: per task, keep the ``keep`` fraction of largest-magnitude entries, zero the rest.
+def ties_trim_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor | None:
+    """The entries TIES step 1 keeps: per task, the ``keep`` fraction of largest magnitude (bool, ``deltas``'
+    shape), or ``None`` when every entry is kept (``keep ≥ 1``).
 
-    The top-k runs over all non-task dimensions of ``deltas`` (T, *shape), with
-    ``k = max(1, round(keep · N))``; ties at the threshold go to the lowest flat index, so exactly
-    ``k`` entries survive per task. Returns a new tensor of the same shape (the input itself when
-    ``keep ≥ 1``). Works task by task (:func:`kth_largest`), so the extra memory is about one task's
-    update, not T of them.
+    The top-k runs over all non-task dimensions of ``deltas`` (T, *shape), with ``k = max(1, round(keep · N))``;
+    ties at the threshold go to the lowest flat index, so exactly ``k`` entries survive per task. Works task by
+    task (:func:`kth_largest`): the extra memory is one task's magnitudes plus the mask (1 byte per entry).
     """
     if deltas.ndim == 0:
         raise ValueError("ties_trim expects a stack of task updates (T, *shape)")
     t = deltas.shape[0]
-    flat = deltas.reshape(t, -1)
+    flat = deltas.detach().reshape(t, -1)
     n = flat.shape[1]
     k = keep_count(n, keep)
     if k >= n:
-        return deltas
-    if k == 0:
-        return torch.zeros_like(deltas)
-    if deltas.requires_grad:  # autograd (data-based methods): the differentiable whole-stack form
-        mag = flat.abs()
-        thr = torch.kthvalue(mag.detach(), n - k + 1, dim=1, keepdim=True).values
-        quota = k - (mag > thr).sum(dim=1, keepdim=True)
-        return torch.where(_threshold_mask(mag, thr, quota), flat, 0).reshape(deltas.shape)
-    out = torch.empty_like(flat)
-    for i in range(t):
-        mag = flat[i].abs()
-        _keep_top(flat[i], mag, kth_largest(mag, k), k, out[i])
-    return out.reshape(deltas.shape)
+        return None
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=deltas.device)
+    if k > 0:
+        for i in range(t):
+            mag = flat[i].abs()
+            mask[i] = _top_mask(mag, kth_largest(mag, k), k)
+    return mask.reshape(deltas.shape)
 
 
-def ties_elect_sign(deltas: torch.Tensor) -> torch.Tensor:
-    """TIES step 2: ``γ = sgn(Σ_t Δ_t)``; exact zeros take the tensor's majority sign ``sgn(Σ γ)``."""
-    sign = torch.sign(deltas.sum(dim=0))
+def ties_trim(deltas: torch.Tensor, keep: float) -> torch.Tensor:
+    """TIES step 1: per task, keep the ``keep`` fraction of largest-magnitude entries, zero the rest
+    (:func:`ties_trim_mask`). Returns a new tensor of the same shape (the input itself when ``keep ≥ 1``);
+    differentiable in the kept entries."""
+    mask = ties_trim_mask(deltas, keep)
+    return deltas if mask is None else torch.where(mask, deltas, 0)
+
+
+def ties_elect_sign(deltas: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES step 2: ``γ = sgn(Σ_t Δ_t)`` over the entries of ``mask`` (all if ``None``); exact zeros take the
+    tensor's majority sign ``sgn(Σ γ)``."""
+    if mask is None:
+        total = deltas.sum(dim=0)
+    else:
+        total = torch.zeros_like(deltas[0])
+        for d, m in zip(deltas, mask):
+            total += torch.where(m, d, 0)
+    sign = torch.sign(total)
+    del total
     majority = torch.sign(sign.sum())
     return sign.masked_fill_(sign == 0, majority)
 
 
-def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over tasks of the entries that are non-zero with the elected ``sign``, and how many there are per
-    entry (none where the sign is 0). Task by task, so the extra memory is a few single-task tensors."""
+def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over tasks of the entries (of ``mask``, if given) that are non-zero with the elected ``sign``, and how
+    many there are per entry (none where the sign is 0). Task by task: the extra memory is a few single-task
+    tensors."""
     pos, neg = sign > 0, sign < 0
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
-    for d in deltas:
+    for i, d in enumerate(deltas):
         agree = (pos & (d > 0)) | (neg & (d < 0))
+        if mask is not None:
+            agree &= mask[i]
         total += torch.where(agree, d, 0)
         count += agree
     return total, count
 
 
-def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """TIES step 3: mean over tasks of the non-zero entries whose sign agrees with ``sign`` (0 if none)."""
-    total, count = _agreeing_sum(deltas, sign)
+def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES step 3: mean over tasks of the non-zero entries (of ``mask``, if given) whose sign agrees with
+    ``sign`` (0 if none)."""
+    total, count = _agreeing_sum(deltas, sign, mask)
     return total / count.clamp_min(1)
 
 
@@ -196,8 +211,8 @@ def disjoint_sum(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 def ties_merge(deltas: torch.Tensor, keep: float = 0.2) -> torch.Tensor:
     """The whole per-tensor TIES rule: trim to ``keep``, elect signs, disjoint mean. Shape ``deltas.shape[1:]``."""
-    trimmed = ties_trim(deltas, keep)
-    return disjoint_mean(trimmed, ties_elect_sign(trimmed))
+    mask = ties_trim_mask(deltas, keep)  # the trimmed updates are deltas · mask, never materialised
+    return disjoint_mean(deltas, ties_elect_sign(deltas, mask), mask)
 
 
 class TiesOptions(MethodOptions):
@@ -288,6 +303,5 @@ def ties(deltas: torch.Tensor, options: TiesOptions, ctx: LayerContext) -> torch
         if not isinstance(ctx.state, TiesGlobalState):
             raise RuntimeError("ties (scope=global) needs the statistics pass; ctx.state is missing")
         trimmed = _global_trim(deltas, ctx.state, ctx.name)
-    else:
-        trimmed = ties_trim(deltas, options.keep)
-    return disjoint_mean(trimmed, ties_elect_sign(trimmed))
+        return disjoint_mean(trimmed, ties_elect_sign(trimmed))
+    return ties_merge(deltas, options.keep)
