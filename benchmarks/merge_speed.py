@@ -7,8 +7,9 @@ its TSV-M, Iso-C and Iso-CTS run on the same tensors in the same script run; the
 largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` are printed. With
 ``--reference64`` FusionBench's algorithm also runs on the same task vectors in float64, and both float32
 outputs are compared with it (which of the two float32 results is closer to the exact one).
-taskmerge runs with its default thread pool (:func:`taskmerge.executors.default_workers`), as the CLI does;
-FusionBench with torch's default threads.
+Both run with torch's default intra-op threads (taskmerge: ``merged_task_vector``'s default, one tensor at a
+time; ``--workers N`` uses the engine's thread pool instead, whose size budget runs the largest tensors alone
+with one thread each, slower on these shapes).
 
     python benchmarks/merge_speed.py                 # 8 tasks, 12 layers, every data-free method
     python benchmarks/merge_speed.py --layers 2 --methods tsv_m iso_c --json out.json
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vit_shapes import task_vectors  # noqa: E402
 
 FUSIONBENCH_METHODS = ("tsv_m", "iso_c", "iso_cts")
+WORKERS = int(os.environ.get("TASKMERGE_BENCH_WORKERS", "1"))
 EXTRA_OPTIONS = {"mda_ta": {"num_classes": [10] * 8}}
 
 
@@ -46,7 +48,6 @@ def _rss_mb() -> float:
 
 
 def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    from taskmerge.executors import default_workers
     from taskmerge.merge import merged_task_vector
     from taskmerge.selection import TensorPolicy
 
@@ -56,7 +57,7 @@ def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torc
         options["num_classes"] = options["num_classes"][: len(tvs)]
     # FusionBench treats every 2-D tensor as a matrix: do the same so the outputs are comparable.
     policy = TensorPolicy(exclude=(), matrix_exclude=())
-    return merged_task_vector(zeros, tvs, method, options, policy=policy, workers=default_workers())
+    return merged_task_vector(zeros, tvs, method, options, policy=policy, workers=WORKERS)
 
 
 def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -152,7 +153,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": mp.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
-        "fusionbench": have_fb, "results": rows,
+        "fusionbench": have_fb, "workers": WORKERS, "results": rows,
     }
     print(json.dumps(report, indent=2))
     if args.json:
@@ -179,7 +180,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"CLIP ViT-B/32 shapes, {report['tasks']} tasks, {report['layers']} layers; {m['cpu']}, {m['cpus']} cores, "
         f"torch {m['torch']} ({m['threads']} threads); load average before / after: {m['load_before']} / "
-        f"{m['load_after']}. taskmerge: its default thread pool; FusionBench 0.2.33: torch's default threads.",
+        f"{m['load_after']}. taskmerge: {report.get('workers', 1)} tensor(s) at a time; both with torch's default intra-op threads.",
         "",
         "| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speed-up | max rel diff "
         "| ours vs float64 | FB vs float64 |",
