@@ -59,7 +59,8 @@ COMPARED_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.k_pro
                     "model.layers.1.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -232,7 +233,7 @@ def _report(args: argparse.Namespace, shape, size_gb: float, gen_s: float, runs:
     report = {
         "benchmark": "llama_scale", "size": args.size, "shape": shape.__dict__, "params": n_params(shape),
         "tasks": args.tasks, "checkpoint_gb": round(size_gb, 2), "generate_s": round(gen_s, 1),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
                     "mem_gb": round(_mem_total_gb(), 1), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_scale import cpu_model  # noqa: E402
 from vit_shapes import task_vectors  # noqa: E402
 
 FUSIONBENCH_METHODS = ("tsv_m", "iso_c", "iso_cts")
@@ -150,7 +151,7 @@ def main() -> None:
             print(f"  {method}: {row['ours']['seconds']:.2f} s", file=sys.stderr)
     report = {
         "benchmark": "merge_speed", "tasks": args.tasks, "layers": args.layers,
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": mp.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": mp.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
         "fusionbench": have_fb, "workers": WORKERS, "results": rows,
@@ -162,16 +163,6 @@ def main() -> None:
     print("\n" + table)
     if args.md:
         args.md.write_text(table)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(report: dict) -> str:
