@@ -31,15 +31,12 @@ from typing import Any
 import torch
 
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
+from taskmerge.bench.runner import _mean
 from taskmerge.databased.loop import FunctionalEncoder, LabeledInputs, TokenInputs, mean_pool_features
 
 __all__ = ["evaluate_databased", "run_databased", "combine_results", "markdown_table", "main"]
 
 logger = logging.getLogger(__name__)
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _summary(acc: Mapping[str, float], ft: Mapping[str, float]) -> dict[str, Any]:
@@ -370,13 +367,9 @@ def combine_results(paths: Sequence[str | Path], out_dir: str | Path | None = No
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None or x != x else f"{100 * x:.1f}"
-
-
 def markdown_table(results: Mapping[str, Any]) -> str:
     """Absolute and normalised test accuracy per task: pretrained, fine-tuned, data-free starts, data-based rows."""
-    from taskmerge.bench.runner import SHORT_NAMES
+    from taskmerge.bench.runner import SHORT_NAMES, _pct
 
     meta = results["meta"]
     tasks = meta["tasks"]
