@@ -85,6 +85,54 @@ def test_thread_executor_runs_items_side_by_side_only_within_the_budget() -> Non
     assert max(n for _, n in seen) >= 2  # ... but small items did run side by side
 
 
+def test_thread_executor_runs_items_over_half_the_budget_alone_with_every_thread() -> None:
+    sizes = [2, 2, 9, 1, 6, 3, 5, 5, 10, 1, 1]
+    running: list[int] = []
+    log: list[tuple[int, int, tuple[int, ...], bool]] = []  # (item, intra-op threads, items in flight, in caller)
+    lock = threading.Lock()
+    caller = threading.current_thread()
+
+    def work(i: int) -> int:
+        with lock:
+            running.append(i)
+            log.append((i, torch.get_num_threads(), tuple(running), threading.current_thread() is caller))
+        time.sleep(0.01)
+        with lock:
+            running.remove(i)
+        return i
+
+    with ThreadExecutor(3, intra_op_threads=1, alone_threads=3) as ex:
+        assert list(ex.map(work, range(len(sizes)), cost=lambda i: sizes[i], budget=10)) == list(range(len(sizes)))
+    # over half the budget (2, 4, 8), or no neighbour to share the pool with (3: between 9 and 6)
+    runs_alone = {2, 3, 4, 8}
+    for i, threads, in_flight, in_caller in log:
+        if i in runs_alone:  # alone, in the calling thread, every thread
+            assert threads == 3 and in_flight == (i,) and in_caller
+            assert all(i not in other for j, _, other, _ in log if j != i)
+        else:
+            assert threads == 1 and not in_caller
+    assert any(len(f) > 1 for _, _, f, _ in log)  # the small ones still ran side by side
+
+
+def test_which_items_run_alone() -> None:
+    from taskmerge.executors import _runs_alone
+
+    # ViT-like order: in_proj (big), its bias (negligible), out_proj (no partner: its significant
+    # neighbours are big), fc1, fc2 (big), then two mid-sized matrices that pair up
+    costs = [1.77, 0.002, 0.59, 0.001, 2.36, 2.36, 0.59, 0.59, 0.003]
+    assert _runs_alone(costs, 2.36) == [True, False, True, False, True, True, False, False, False]
+    assert _runs_alone([1.0], 1.0) == [True]
+    assert _runs_alone([0.2], 1.0) == [True]  # nothing to share with
+    assert _runs_alone([0.001, 0.001], 1.0) == [False, False]  # negligible work never claims every core
+
+
+def test_thread_executor_rejects_bad_thread_counts() -> None:
+    with pytest.raises(OptionError, match="alone_threads"):
+        ThreadExecutor(2, alone_threads=0)
+    with pytest.raises(OptionError, match="intra_op_threads"):
+        ThreadExecutor(2, intra_op_threads=-1)
+
+
 def test_thread_executor_raises_the_first_error_and_sets_threads_back() -> None:
     before = torch.get_num_threads()
 
@@ -129,7 +177,7 @@ def test_thread_pool_svd_methods_match_serial_with_the_same_intra_op_threads(fam
         serial = merge_checkpoints(base, models, tmp_path / "s.safetensors", method, workers=1, progress=False)
     finally:
         torch.set_num_threads(before)
-    with ThreadExecutor(3, intra_op_threads=1) as ex:
+    with ThreadExecutor(3, intra_op_threads=1, alone_threads=1) as ex:
         pooled = merge_checkpoints(base, models, tmp_path / "p.safetensors", method, progress=False, executor=ex)
     assert pooled.read_bytes() == serial.read_bytes()
 
