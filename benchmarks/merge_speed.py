@@ -13,6 +13,7 @@ took 17.2 s for TSV-M against 19.1 s for one tensor at a time).
 
     python benchmarks/merge_speed.py                 # 8 tasks, 12 layers, every data-free method
     python benchmarks/merge_speed.py --layers 2 --methods tsv_m iso_c --json out.json
+    python benchmarks/merge_speed.py --device cuda --methods tsv_m iso_c iso_cts   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]], device: str) -> dict[str, torch.Tensor]:
     from taskmerge.merge import merged_task_vector
     from taskmerge.selection import TensorPolicy
 
@@ -58,23 +59,23 @@ def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torc
         options["num_classes"] = options["num_classes"][: len(tvs)]
     # FusionBench treats every 2-D tensor as a matrix: do the same so the outputs are comparable.
     policy = TensorPolicy(exclude=(), matrix_exclude=())
-    return merged_task_vector(zeros, tvs, method, options, policy=policy, workers=WORKERS)
+    return merged_task_vector(zeros, tvs, method, options, policy=policy, workers=WORKERS, device=device)
 
 
-def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]], device: str) -> dict[str, torch.Tensor]:
     if method == "tsv_m":
         from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
 
-        return compute_and_sum_svd_mem_reduction(tvs, exclude_keys=[], accelerator="cpu")
+        return compute_and_sum_svd_mem_reduction(tvs, exclude_keys=[], accelerator=device)
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 
     if method == "iso_c":
-        return iso_c(tvs, accelerator="cpu", exclude_keys=[])
-    return iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu", exclude_keys=[])
+        return iso_c(tvs, accelerator=device, exclude_keys=[])
+    return iso_cts(tvs, common_space_fraction=0.8, accelerator=device, exclude_keys=[])
 
 
 def _child(impl: str, method: str, n_tasks: int, layers: int, seed: int, save: str | None, queue: mp.Queue,
-           float64: bool = False) -> None:
+           float64: bool = False, device: str = "cpu") -> None:
     import contextlib
     import io
 
@@ -84,20 +85,27 @@ def _child(impl: str, method: str, n_tasks: int, layers: int, seed: int, save: s
         tvs = [{k: v.double() for k, v in tv.items()} for tv in tvs]
     rss0 = _rss_mb()
     run = _run_ours if impl == "taskmerge" else _run_fusionbench
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.zeros(1, device=device)  # the CUDA context is not the merge's time
     with contextlib.redirect_stdout(io.StringIO()):  # FusionBench prints a line per tensor
         start = time.perf_counter()
-        merged = run(method, tvs)
+        merged = run(method, tvs, device)
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if save:
-        torch.save({k: v if float64 else v.float() for k, v in merged.items()}, save)
+        torch.save({k: (v if float64 else v.float()).cpu() for k, v in merged.items()}, save)
     queue.put({"impl": impl, "method": method, "seconds": elapsed, "peak_rss_mb": peak, "peak_over_inputs_mb": peak - rss0})
 
 
 def _measure(impl: str, method: str, args: argparse.Namespace, save: str | None, float64: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(impl, method, args.tasks, args.layers, args.seed, save, queue, float64))
+    device = "cpu" if float64 else args.device  # the float64 reference runs on the CPU
+    proc = ctx.Process(target=_child, args=(impl, method, args.tasks, args.layers, args.seed, save, queue, float64,
+                                            device))
     proc.start()
     result = queue.get()
     proc.join()
@@ -122,6 +130,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=[s.name for s in list_methods() if s.data_free])
     parser.add_argument("--no-fusionbench", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both implementations compute")
     parser.add_argument("--reference64", action="store_true",
                         help="also run FusionBench in float64 and compare both float32 outputs with it")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -153,8 +162,9 @@ def main() -> None:
         "benchmark": "merge_speed", "tasks": args.tasks, "layers": args.layers,
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": mp.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
-                    "load_after": [round(x, 2) for x in os.getloadavg()]},
-        "fusionbench": have_fb, "workers": WORKERS, "results": rows,
+                    "load_after": [round(x, 2) for x in os.getloadavg()],
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "fusionbench": have_fb, "workers": WORKERS, "device": args.device, "results": rows,
     }
     print(json.dumps(report, indent=2))
     if args.json:
@@ -168,8 +178,9 @@ def main() -> None:
 def markdown(report: dict) -> str:
     """The report as a Markdown table with the machine and the run's settings."""
     m = report["machine"]
+    where = (f"{m['gpu']} (the merges' algebra), " if report.get("device", "cpu") != "cpu" else "")
     lines = [
-        f"CLIP ViT-B/32 shapes, {report['tasks']} tasks, {report['layers']} layers; {m['cpu']}, {m['cpus']} cores, "
+        f"CLIP ViT-B/32 shapes, {report['tasks']} tasks, {report['layers']} layers; {where}{m['cpu']}, {m['cpus']} cores, "
         f"torch {m['torch']} ({m['threads']} threads); load average before / after: {m['load_before']} / "
         f"{m['load_after']}. taskmerge: {report.get('workers', 1)} tensor(s) at a time; both with torch's default intra-op threads.",
         "",

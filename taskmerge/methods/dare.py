@@ -5,8 +5,10 @@ Lunch", ICML 2024, the drop-and-rescale equations: with drop rate p, m_t ~ Berno
 δ̃_t = (1 − m_t) ⊙ δ_t and δ̂_t = δ̃_t / (1 − p), so that E[δ̂_t] = δ_t. The rescaled updates are then
 merged by an existing rule: task arithmetic (the paper's default) or TIES-Merging ("DARE + TIES").
 
-Randomness comes from ``ctx.generator(device)``, seeded from the run seed and the tensor name, so a merge
-is reproducible and independent of the order in which tensors are processed.
+Randomness comes from ``ctx.generator()``, seeded from the run seed and the tensor name, so a merge
+is reproducible and independent of the order in which tensors are processed. The draws are made on the
+CPU and moved to the updates' device, so a ``device="cuda"`` merge drops the same entries as a CPU one
+(CUDA's generator would give another, equally valid, draw).
 
 Choices:
 
@@ -37,9 +39,10 @@ def _dropped_rows(deltas: torch.Tensor, p: float, generator: torch.Generator | N
                   rescale: bool) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(t, δ̂_t)`` task by task: one task's random draw in memory at a time."""
     scale = 1.0 / (1.0 - p) if rescale else 1.0
+    draw_on = generator.device if generator is not None else torch.device("cpu")
     for t, d in enumerate(deltas):
-        u = torch.rand(d.shape, generator=generator, device=d.device, dtype=d.dtype)
-        kept = u >= p  # P(kept) = 1 − p
+        u = torch.rand(d.shape, generator=generator, device=draw_on, dtype=d.dtype)
+        kept = (u >= p).to(d.device)  # P(kept) = 1 − p
         del u
         yield t, torch.where(kept, d * scale if scale != 1.0 else d, 0)
 
@@ -48,7 +51,8 @@ def dare_drop(deltas: torch.Tensor, p: float, generator: torch.Generator | None 
               rescale: bool = True) -> torch.Tensor:
     """Drop each entry with probability ``p`` and rescale the survivors by ``1 / (1 − p)`` (DARE).
 
-    ``generator`` must live on ``deltas``' device; the tasks are drawn one after the other from it.
+    The tasks are drawn one after the other from ``generator``, on its device (default: the CPU), and the
+    draws are moved to ``deltas``' device.
     ``p = 0`` returns the input unchanged.
     """
     _check_rate(p)
@@ -103,7 +107,7 @@ class DareOptions(MethodOptions):
 )
 def dare(deltas: torch.Tensor, options: DareOptions, ctx: LayerContext) -> torch.Tensor:
     """DARE on one tensor: drop-and-rescale every task update, then combine."""
-    generator = ctx.generator(deltas.device)
+    generator = ctx.generator()  # on the CPU whatever the device: same draws on a GPU
     if options.combine == "task_arithmetic":
         return dare_sum(deltas, options.p, generator, options.rescale)
     dropped = dare_drop(deltas, options.p, generator, options.rescale)
