@@ -8,8 +8,8 @@ the same order, hence to the same bytes, whatever the executor.
 * :class:`SerialExecutor` — one tensor at a time in the calling thread.
 * :class:`ThreadExecutor` — a CPU thread pool across tensors (torch releases the GIL in its kernels and
   safetensors in its reads). Tensors that run side by side get ``cores // workers`` intra-op threads
-  each, so that ``intra-op threads × workers ≤ cores``; a tensor too large to share the size budget runs
-  alone with every core.
+  each, so that ``intra-op threads × workers ≤ cores``; a tensor too large to share the size budget, or
+  with no neighbour to share it with, runs alone with every core.
 * :class:`taskmerge.executors.ray_executor.RayExecutor` — per-tensor merges spread over a Ray cluster
   (``pip install taskmerge[ray]``), the workers reading the checkpoints from shared storage.
 
@@ -133,10 +133,10 @@ class ThreadExecutor:
         run side by side, the largest one alone, so the peak memory stays one largest tensor's working
         set whatever the number of workers.
 
-        Some items run *alone* (:func:`_runs_alone`, from the costs only, so the same item always gets the
-        same thread count and SVD-based results do not depend on timing): once the items before it are done, in the
-        calling thread, with ``alone_threads`` intra-op threads instead of ``intra_op_threads`` (otherwise it
-        would hold one core's share of threads while the others idle). The calling thread, because MKL's
+        Some items run *alone* (:func:`_runs_alone`, decided from the costs only, so an item always gets the
+        same thread count and SVD-based results do not depend on timing): once the items before it are
+        done, in the calling thread, with ``alone_threads`` intra-op threads instead of ``intra_op_threads``
+        (otherwise it would hold one core's share of threads while the others idle). The calling thread, because MKL's
         LAPACK runs its threads at full speed only there: a 768-wide ``eigh`` with 2 threads took 0.05 s in
         the main thread and 0.10 s in a pool thread, slower than 1 thread (0.08 s), on the 2-core machine."""
         pool = self._start()
