@@ -14,7 +14,7 @@ The sum over the model is a lower bound on a whole merge's time for each route (
 matrix products); ``fusionbench_total / floor`` bounds the speed-up any implementation of that route can
 reach against FusionBench's whole merge (``--fusionbench-seconds``, measured by ``merge_speed.py``).
 
-    python benchmarks/decomposition_floor.py --fusionbench-seconds 89.03 --json out.json
+    python benchmarks/decomposition_floor.py --fusionbench-seconds 89.03 --json out.json --md out.md
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fusionbench-seconds", type=float, help="FusionBench's whole TSV-M merge, for the bound")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
     args = parser.parse_args()
 
     counts = Counter(shape for shape in vit_b32_shapes().values() if len(shape) == 2)
@@ -104,19 +105,29 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nCLIP ViT-B/32 matrix shapes, {args.tasks} tasks; {report['machine']['cpu']}, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads); best of {args.repeats}.\n")
-    print("| shape | count | FusionBench's SVDs s | ours s | float32 eigh s |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape'][0]}×{r['shape'][1]} | {r['count']} | {r['fusionbench_s']:.3f} | {r['taskmerge_s']:.3f} "
-              f"| {r['float32_eigh_s']:.3f} |")
-    print(f"| whole model | | {totals['fusionbench']:.1f} | {totals['taskmerge']:.1f} | {totals['float32_eigh']:.1f} |")
-    if args.fusionbench_seconds:
-        ms = report["max_speedup"]
-        print(f"\nFusionBench's whole merge: {args.fusionbench_seconds:.1f} s; the largest speed-up the decompositions "
-              f"allow: ours {ms['taskmerge']:.1f}×, float32 eigh {ms['float32_eigh']:.1f}×.")
+    table = markdown(report, args.repeats)
+    print("\n" + table)
+    if args.md:
+        args.md.write_text(table)
 
+
+def markdown(report: dict, repeats: int) -> str:
+    """The report as a Markdown table with the machine and the bound."""
+    m, totals = report["machine"], report["model_totals_s"]
+    lines = [f"CLIP ViT-B/32 matrix shapes, {report['tasks']} tasks; {m['cpu']}, torch {m['torch']} ({m['threads']} "
+             f"threads); best of {repeats}. Seconds for one matrix's decompositions (T per-task + 2 polar), "
+             "then for the whole model (× count).", "",
+             "| shape | count | FusionBench's SVDs s | ours s | float32 eigh s |", "|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['count']} | {r['fusionbench_s']:.3f} | "
+                     f"{r['taskmerge_s']:.3f} | {r['float32_eigh_s']:.3f} |")
+    lines.append(f"| whole model | | {totals['fusionbench']:.1f} | {totals['taskmerge']:.1f} | "
+                 f"{totals['float32_eigh']:.1f} |")
+    if "max_speedup" in report:
+        ms = report["max_speedup"]
+        lines += ["", f"FusionBench's whole merge: {report['fusionbench_merge_s']:.1f} s; the largest speed-up over it "
+                  f"that the decompositions allow: ours {ms['taskmerge']:.1f}×, float32 eigh {ms['float32_eigh']:.1f}×."]
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
