@@ -8,8 +8,8 @@ largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_
 ``--reference64`` FusionBench's algorithm also runs on the same task vectors in float64, and both float32
 outputs are compared with it (which of the two float32 results is closer to the exact one).
 Both run with torch's default intra-op threads (taskmerge: ``merged_task_vector``'s default, one tensor at a
-time; ``TASKMERGE_BENCH_WORKERS=N`` uses the engine's thread pool instead: on 4 layers of these shapes, 2 workers
-took 17.2 s for TSV-M against 19.1 s for one tensor at a time).
+time; ``TASKMERGE_BENCH_WORKERS=N`` uses the engine's thread pool instead: with 2 workers TSV-M took 54.7 s against
+61.6 s one tensor at a time, ``results/merge_speed_vit_b32_workers2.md``).
 
     python benchmarks/merge_speed.py                 # 8 tasks, 12 layers, every data-free method
     python benchmarks/merge_speed.py --layers 2 --methods tsv_m iso_c --json out.json
@@ -182,7 +182,10 @@ def markdown(report: dict) -> str:
     lines = [
         f"CLIP ViT-B/32 shapes, {report['tasks']} tasks, {report['layers']} layers; {where}{m['cpu']}, {m['cpus']} cores, "
         f"torch {m['torch']} ({m['threads']} threads); load average before / after: {m['load_before']} / "
-        f"{m['load_after']}. taskmerge: {report.get('workers', 1)} tensor(s) at a time; both with torch's default intra-op threads.",
+        f"{m['load_after']}. " + (f"taskmerge: thread pool of {report['workers']} workers ({m['threads'] // report['workers'] or 1} "
+                                  "intra-op thread(s) each; a tensor that runs alone gets every thread); FusionBench: "
+                                  "torch's default intra-op threads." if report.get("workers", 1) > 1 else
+                                  "taskmerge: 1 tensor at a time; both with torch's default intra-op threads."),
         "",
         "| method | taskmerge s | peak RSS MB | FusionBench s | FB peak RSS MB | speed-up | max rel diff "
         "| ours vs float64 | FB vs float64 |",
