@@ -3,7 +3,8 @@
 Every (implementation, method) pair runs in a fresh spawned process that builds the same seeded
 task vectors, merges them once and reports wall time and peak RSS (``ru_maxrss``) above the RSS it
 had once its inputs existed. When FusionBench (``pip install fusion-bench==0.2.33``) is importable,
-its TSV-M, Iso-C and Iso-CTS run on the same tensors in the same script run; the speed ratio and the
+its TSV-M, Iso-C, Iso-CTS, TIES (flattened model, global 20 % trim, disjoint mean), task arithmetic and
+weight averaging run on the same tensors in the same script run; the speed ratio and the
 largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` are printed. With
 ``--reference64`` FusionBench's algorithm also runs on the same task vectors in float64, and both float32
 outputs are compared with it (which of the two float32 results is closer to the exact one).
@@ -36,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_scale import cpu_model  # noqa: E402
 from vit_shapes import task_vectors  # noqa: E402
 
-FUSIONBENCH_METHODS = ("tsv_m", "iso_c", "iso_cts")
+FUSIONBENCH_METHODS = ("tsv_m", "iso_c", "iso_cts", "ties", "task_arithmetic", "weight_averaging")
 WORKERS = int(os.environ.get("TASKMERGE_BENCH_WORKERS", "1"))
-EXTRA_OPTIONS = {"mda_ta": {"num_classes": [10] * 8}}
+# TIES as FusionBench runs it: one magnitude threshold per task over the flattened model, k = 20 %.
+EXTRA_OPTIONS = {"mda_ta": {"num_classes": [10] * 8}, "ties": {"keep": 0.2, "scope": "global"}}
 
 
 def _rss_mb() -> float:
@@ -67,6 +69,21 @@ def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]], device: st
         from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
 
         return compute_and_sum_svd_mem_reduction(tvs, exclude_keys=[], accelerator=device)
+    if method == "ties":
+        # FusionBench's TiesMergingAlgorithm: flatten, trim per task to the top 20 %, elect, disjoint merge
+        # (its config's default merge_func is "sum"; "mean" is the paper's disjoint mean, which ours computes)
+        from fusion_bench.method.ties_merging.ties_merging_utils import (
+            state_dict_to_vector,
+            ties_merging,
+            vector_to_state_dict,
+        )
+
+        flat = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
+        return vector_to_state_dict(ties_merging(flat, reset_thresh=20, merge_func="mean"), tvs[0])
+    if method in ("task_arithmetic", "weight_averaging"):
+        from fusion_bench.utils.state_dict_arithmetic import state_dict_avg, state_dict_sum
+
+        return (state_dict_sum if method == "task_arithmetic" else state_dict_avg)(tvs)
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 
     if method == "iso_c":

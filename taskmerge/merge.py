@@ -41,6 +41,7 @@ from taskmerge.io.writers import DEFAULT_SHARD_BYTES, CheckpointWriter
 from taskmerge.linalg import LowRank
 from taskmerge.registry import LayerContext, MethodOptions, MethodSpec, get_method
 from taskmerge.selection import TensorClass, TensorPolicy
+from taskmerge.workspace import StackPool
 
 __all__ = ["MergeRequest", "TensorMerger", "iter_merged", "merged_task_vector", "apply_task_vector", "merge_checkpoints",
            "input_identity"]
@@ -122,15 +123,20 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
-def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], req: MergeRequest) -> torch.Tensor:
+def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], req: MergeRequest,
+                  pool: StackPool | None = None) -> torch.Tensor:
     """Stack ``Δ_t = θ_t − θ₀`` for one tensor, in the compute dtype, checking for NaN / Inf.
+
+    With ``pool`` the stack is one of its buffers (the caller gives it back once merged).
 
     A source that knows its update exactly (a PEFT adapter: ``task_update(name, dtype)`` returns
     ``scale·B A``) supplies it directly instead of the rounded difference ``θ_t − θ₀``. Memory: the
     ``T`` updates, θ₀ in the compute dtype and one task's tensor as stored (converted in place).
     """
     b = base.to(device=req.device, dtype=req.compute_dtype)
-    deltas = torch.empty((len(tasks), *b.shape), dtype=req.compute_dtype, device=req.device)
+    shape = (len(tasks), *b.shape)
+    deltas = (pool.take(shape, req.compute_dtype, req.device) if pool is not None
+              else torch.empty(shape, dtype=req.compute_dtype, device=req.device))
     for i, src in enumerate(tasks):
         exact = getattr(src, "task_update", None)
         if exact is not None:
@@ -200,6 +206,7 @@ class TensorMerger:
         self.out_dtype = out_dtype
         self.paths = paths
         self._stat: Any = None
+        self._pool = StackPool()
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -222,10 +229,14 @@ class TensorMerger:
         theta0 = base.get(name)
         if cls is TensorClass.KEEP:
             return theta0, None
-        deltas = _task_updates(name, theta0, tasks, self.req)
-        merged = _merge_one(name, cls, deltas, self.req, self.state, tasks)
-        del deltas
-        return theta0, merged.cpu()
+        deltas = _task_updates(name, theta0, tasks, self.req, self._pool)
+        try:
+            merged = _merge_one(name, cls, deltas, self.req, self.state, tasks).cpu()
+            if self._pool.holds(merged):  # a view of the stack, which the next tensor will overwrite
+                merged = merged.clone()
+        finally:
+            self._pool.give_back(deltas)
+        return theta0, merged
 
     def output(self, item: tuple[str, TensorClass]) -> torch.Tensor:
         theta0, tau = self.update(item)
