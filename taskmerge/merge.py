@@ -39,7 +39,7 @@ from taskmerge.io.readers import DictSource, TensorSource, open_checkpoint
 from taskmerge.io.streaming import streaming_source
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES, CheckpointWriter
 from taskmerge.linalg import LowRank
-from taskmerge.registry import LayerContext, MethodOptions, MethodSpec, get_method
+from taskmerge.registry import AnotherPass, LayerContext, MethodOptions, MethodSpec, get_method
 from taskmerge.selection import TensorClass, TensorPolicy
 from taskmerge.workspace import StackPool
 
@@ -253,23 +253,32 @@ class TensorMerger:
             self._stat = self.req.spec.statistic_for(self.req.options)
         deltas = _task_updates(name, base.get(name), tasks, self.req)
         if getattr(self._stat, "wants_context", False):
-            return self._stat.collect(name, deltas, self.req.options, _layer_context(name, cls, self.req, None, tasks))
+            ctx = _layer_context(name, cls, self.req, self.state, tasks)  # state: the previous pass's, if any
+            return self._stat.collect(name, deltas, self.req.options, ctx)
         return self._stat.collect(name, deltas, self.req.options)
 
 
 def _statistic_pass(merger: TensorMerger, names: Sequence[str], classes: Mapping[str, TensorClass],
                     executor: Executor, progress: bool) -> Any:
-    """The first pass of a model-level method: every merged tensor's summary, then ``finalize``."""
+    """The statistics pass(es) of a model-level method: every merged tensor's summary, then ``finalize``,
+    again while ``finalize`` asks for another pass (:class:`taskmerge.registry.AnotherPass`)."""
     req = merger.req
     stat = req.spec.statistic_for(req.options)
     if stat is None:
         return None
     todo = [(n, classes[n]) for n in names if classes[n] is not TensorClass.KEEP
             and not (req.spec.matrix_only and classes[n] is not TensorClass.MATRIX)]
-    results = executor.map(merger.collect, todo, **_budget(merger.base, todo))
-    collected = {name: r for (name, _), r in zip(todo, tqdm(results, total=len(todo), desc=f"{req.spec.name}: statistics",
-                                                            disable=not progress, unit="tensor"))}
-    return stat.finalize(collected, req.options)
+    merger.state = None
+    while True:
+        results = executor.map(merger.collect, todo, **_budget(merger.base, todo))
+        collected = {name: r for (name, _), r in zip(todo, tqdm(results, total=len(todo),
+                                                                desc=f"{req.spec.name}: statistics",
+                                                                disable=not progress, unit="tensor"))}
+        state = stat.finalize(collected, req.options)
+        del collected
+        if not isinstance(state, AnotherPass):
+            return state
+        merger.state = state
 
 
 def _budget(base: TensorSource, items: Sequence[tuple[str, TensorClass]]) -> dict[str, Any]:

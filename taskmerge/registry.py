@@ -6,7 +6,10 @@ shape ``shape`` *before* the scaling coefficient λ, which the engine applies (`
 
 A *model-level* method additionally declares a :class:`GlobalStatistic`: a first streaming pass calls
 ``collect`` on every tensor, ``finalize`` reduces what was collected, and the result reaches the
-per-layer function as ``ctx.state`` in the second pass (e.g. TIES with a model-wide top-k threshold).
+per-layer function as ``ctx.state`` in the merging pass (e.g. TIES with a model-wide top-k threshold).
+A ``finalize`` result that is an :class:`AnotherPass` asks for one more statistics pass first: it
+reaches ``collect`` as ``ctx.state`` (so that a statistic can refine a histogram instead of holding
+every entry of the model).
 
 Options are pydantic models (``extra="forbid"``), so an unknown or ill-typed option is reported by
 name. Methods register themselves with :func:`register_method`.
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from taskmerge.linalg import LowRank
 
 __all__ = [
+    "AnotherPass",
     "MethodOptions",
     "LayerContext",
     "GlobalStatistic",
@@ -78,6 +82,11 @@ class LayerContext:
     def tensor_seed(run_seed: int, name: str) -> int:
         """The per-tensor seed: a CRC32 of the name mixed with the run seed."""
         return (zlib.crc32(name.encode()) ^ (run_seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
+class AnotherPass:
+    """Base class of an intermediate :meth:`GlobalStatistic.finalize` result that asks the engine for one
+    more statistics pass; ``collect`` sees it as ``ctx.state`` (the statistic must want the context)."""
 
 
 class GlobalStatistic(Protocol):

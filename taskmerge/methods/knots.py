@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -200,9 +200,9 @@ class KnotsGlobalThreshold:
         if ctx is None:  # called without the engine: the engine's per-tensor seed for run seed 0
             ctx = LayerContext(name=name, seed=LayerContext.tensor_seed(0, name))
         _, blocks = _decompose(deltas, options, ctx)
-        return self._ties.collect(name, _dropped(blocks, options, ctx), TiesOptions(keep=options.resolved_keep))
+        return self._ties.collect(name, _dropped(blocks, options, ctx), TiesOptions(keep=options.resolved_keep), ctx)
 
-    def finalize(self, collected: Mapping[str, torch.Tensor], options: KnotsOptions) -> TiesGlobalState:
+    def finalize(self, collected: Mapping[str, Any], options: KnotsOptions) -> Any:
         return self._ties.finalize(collected, TiesOptions(keep=options.resolved_keep, scope="global"))
 
 

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from taskmerge.registry import LayerContext, MethodOptions, register_method
+from taskmerge.registry import AnotherPass, LayerContext, MethodOptions, register_method
 
 __all__ = [
     "TiesOptions",
@@ -239,36 +239,93 @@ class TiesGlobalState:
     quota: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class TiesGlobalThreshold:
-    """Exact model-wide top-k magnitude threshold per task (TIES as in the paper's flattened-model code).
+@dataclass(frozen=True)
+class _ThresholdBuckets(AnotherPass):
+    """After the first statistics pass: per task, the bucket (16 leading bits of the magnitude) holding the
+    model-wide k-th largest magnitude, and how many entries lie in higher buckets."""
 
-    ``collect`` stores ``|Δ_t|`` of one tensor as a (T, N) CPU tensor; ``finalize`` concatenates them and
-    takes the exact k-th largest value per task with ``k = round(keep · P)``. Entries equal to the threshold
-    are allotted, up to k in total, in sorted tensor-name order and then flat-index order, so that exactly
-    k entries per task survive model-wide.
+    k: int
+    bucket: torch.Tensor  # (T,) int64
+    larger: torch.Tensor  # (T,) int64
+
+
+def _buckets(values: torch.Tensor) -> torch.Tensor:
+    """The bucket of each non-negative float: its 16 leading bits (a monotone function of the value)."""
+    int_dtype, shift = _BITS_VIEW[values.dtype]
+    return (values.view(int_dtype) >> shift).long()
+
+
+class TiesGlobalThreshold:
+    """Exact model-wide top-k magnitude threshold per task (TIES as in the paper's flattened-model code),
+    in two streaming statistics passes whose summaries are small, whatever the model size.
+
+    Pass 1 counts, per task, the entries of every tensor per bucket of the magnitude's 16 leading bits (a
+    few thousand non-empty buckets); ``finalize`` finds the bucket holding the k-th largest magnitude with
+    ``k = round(keep · P)``. Pass 2 collects the magnitudes in that bucket only (about 1/128 of a binade),
+    and ``finalize`` takes the exact k-th largest among them. Entries equal to the threshold are allotted,
+    up to k in total, in sorted tensor-name order and then flat-index order, so that exactly k entries per
+    task survive model-wide. Memory: one tensor's magnitudes at a time plus the bucket's entries, instead
+    of T × P magnitudes (17.6 GB for a 1.1B-parameter model and 4 tasks). Magnitudes are bucketed in the
+    compute dtype (float32 or float64; other dtypes as float32, exactly).
     """
 
-    def collect(self, name: str, deltas: torch.Tensor, options: TiesOptions) -> torch.Tensor:
-        return deltas.reshape(deltas.shape[0], -1).abs().cpu()
+    wants_context = True
 
-    def finalize(self, collected: Mapping[str, torch.Tensor], options: TiesOptions) -> TiesGlobalState:
+    def __init__(self) -> None:
+        self._buckets: _ThresholdBuckets | None = None
+
+    def collect(self, name: str, deltas: torch.Tensor, options: TiesOptions,
+                ctx: LayerContext | None = None) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+        mag = deltas.reshape(deltas.shape[0], -1).abs()
+        if mag.dtype not in _BITS_VIEW:
+            mag = mag.float()
+        state = ctx.state if ctx is not None else None
+        if isinstance(state, _ThresholdBuckets):  # pass 2: the entries in the threshold's bucket
+            return [row[_buckets(row) == int(b)].cpu() for row, b in zip(mag, state.bucket)]
+        counts = []  # pass 1: (bucket, count) of the non-empty buckets, per task
+        for row in mag:
+            total = torch.zeros(1 << 16, dtype=torch.int64, device=row.device)
+            for start in range(0, row.numel(), _CHUNK):
+                total += torch.bincount(_buckets(row[start:start + _CHUNK]), minlength=1 << 16)
+            nonempty = total.nonzero().squeeze(1)
+            counts.append((nonempty.cpu(), total[nonempty].cpu()))
+        return counts
+
+    def finalize(self, collected: Mapping[str, Any], options: TiesOptions) -> TiesGlobalState | _ThresholdBuckets:
         names = sorted(collected)
+        if self._buckets is None:
+            return self._first(collected, names, options)
+        state, self._buckets = self._buckets, None
+        cands = [torch.cat([collected[n][t] for n in names]) if names else torch.empty(0)
+                 for t in range(state.bucket.numel())]
+        thr = torch.stack([torch.kthvalue(c, c.numel() - (state.k - int(above)) + 1).values
+                           for c, above in zip(cands, state.larger)])
+        remaining = state.k - state.larger - torch.stack([(c > v).sum() for c, v in zip(cands, thr)])
+        quota: dict[str, torch.Tensor] = {}
+        for n in names:
+            q = torch.minimum(torch.stack([(c == v).sum() for c, v in zip(collected[n], thr)]), remaining)
+            remaining = remaining - q
+            quota[n] = q
+        return TiesGlobalState(threshold=thr, quota=quota)
+
+    def _first(self, collected: Mapping[str, Any], names: list[str],
+               options: TiesOptions) -> TiesGlobalState | _ThresholdBuckets:
         if not names:
             return TiesGlobalState(threshold=None)
-        total = sum(collected[n].shape[1] for n in names)
+        tasks = len(collected[names[0]])
+        counts = torch.zeros(tasks, 1 << 16, dtype=torch.int64)
+        for n in names:
+            for t, (idx, cnt) in enumerate(collected[n]):
+                counts[t].index_add_(0, idx, cnt)
+        total = int(counts[0].sum())
         k = keep_count(total, options.keep)
         if k >= total:
             return TiesGlobalState(threshold=None)
-        everything = torch.cat([collected[n] for n in names], dim=1)
-        thr = torch.kthvalue(everything, total - k + 1, dim=1, keepdim=True).values  # (T, 1)
-        remaining = k - (everything > thr).sum(dim=1)
-        del everything
-        quota: dict[str, torch.Tensor] = {}
-        for n in names:
-            q = torch.minimum((collected[n] == thr).sum(dim=1), remaining)
-            remaining = remaining - q
-            quota[n] = q
-        return TiesGlobalState(threshold=thr.squeeze(1), quota=quota)
+        above = counts.flip(1).cumsum(1).flip(1)  # above[t, b] = entries of task t in buckets ≥ b
+        bucket = torch.stack([torch.nonzero(row >= k).max() for row in above])
+        larger = torch.stack([row[b + 1] if b + 1 < row.numel() else row.new_zeros(()) for row, b in zip(above, bucket)])
+        self._buckets = _ThresholdBuckets(k=k, bucket=bucket, larger=larger)
+        return self._buckets
 
 
 def _global_trim(deltas: torch.Tensor, state: TiesGlobalState, name: str) -> torch.Tensor:

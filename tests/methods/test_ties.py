@@ -126,8 +126,12 @@ def _run_global(tensors: dict[str, torch.Tensor], keep: float) -> dict[str, torc
     opts = SPEC.parse({"keep": keep, "scope": "global"})
     stat = SPEC.statistic_for(opts)
     assert stat is not None
-    collected = {name: stat.collect(name, d, opts) for name, d in tensors.items()}
-    state = stat.finalize(collected, opts)
+    state = None
+    for _ in range(2):  # a histogram pass, then the threshold's bucket (the engine's loop over AnotherPass)
+        collected = {name: stat.collect(name, d, opts, LayerContext(name=name, state=state)) for name, d in tensors.items()}
+        state = stat.finalize(collected, opts)
+        if isinstance(state, TiesGlobalState):
+            break
     assert isinstance(state, TiesGlobalState)
     return {name: SPEC.fn(d, opts, LayerContext(name=name, state=state)) for name, d in tensors.items()}
 
@@ -230,3 +234,40 @@ def test_lean_trim_keeps_exactly_k_on_a_long_tied_row() -> None:
         mags = d[t].abs()
         assert float(mags[kept].min()) >= float(mags[~kept].max())
         torch.testing.assert_close(out[t][kept], d[t][kept])
+
+
+# ---------------------------------------------------------------- the streaming global statistic
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_global_threshold_matches_a_full_sort_of_the_model(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    sizes = {"w1": (300, 200), "w2": (50,), "w3": (400, 100)}
+    tensors = {n: torch.randn(3, *s, generator=g, dtype=dtype) for n, s in sizes.items()}
+    tensors["w2"][:, :10] = 0.25  # exact ties across tensors, some at the threshold
+    tensors["w3"][:, :500] = 0.25
+    out = _run_global(tensors, 0.3)
+    names = sorted(tensors)
+    flat = torch.cat([tensors[n].reshape(3, -1) for n in names], dim=1)
+    k = max(1, math.floor(0.3 * flat.shape[1] + 0.5))
+    kept = torch.zeros_like(flat)
+    for t in range(3):  # brute force: stable sort by magnitude, ties to the lower position in name order
+        order = sorted(range(flat.shape[1]), key=lambda j: (-abs(float(flat[t, j])), j))[:k]
+        kept[t, order] = flat[t, order]
+    start = 0
+    for n in names:
+        size = tensors[n][0].numel()
+        part = kept[:, start:start + size].reshape(tensors[n].shape)
+        torch.testing.assert_close(out[n], disjoint_mean(part, ties_elect_sign(part)), rtol=0, atol=0)
+        start += size
+
+
+def test_global_statistic_summaries_are_small() -> None:
+    # what the statistics passes hold is a histogram and one bucket's entries, not T × P magnitudes
+    opts = SPEC.parse({"keep": 0.2, "scope": "global"})
+    stat = SPEC.statistic_for(opts)
+    d = torch.randn(2, 1000, 1000, generator=torch.Generator().manual_seed(0))
+    first = stat.collect("w", d, opts, LayerContext(name="w"))
+    assert sum(idx.numel() + cnt.numel() for idx, cnt in first) < 0.05 * d.numel()
+    state = stat.finalize({"w": first}, opts)
+    second = stat.collect("w", d, opts, LayerContext(name="w", state=state))
+    assert sum(c.numel() for c in second) < 0.02 * d.numel()
+    assert isinstance(stat.finalize({"w": second}, opts), TiesGlobalState)
