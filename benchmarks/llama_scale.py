@@ -44,11 +44,13 @@ from taskmerge.executors import default_workers  # noqa: E402
 OURS: dict[str, list[str]] = {
     "task_arithmetic": ["--lambda", "0.3", "--exclude", "^$"],
     "ties": ["--lambda", "1.0", "-o", "keep=0.2", "--exclude", "^$"],
+    "ties_global": ["--lambda", "1.0", "-o", "keep=0.2", "-o", "scope=global", "--exclude", "^$"],
     "dare": ["--lambda", "0.3", "-o", "p=0.9", "--exclude", "^$"],
     "tsv_m": [],
     "iso_c": [],
     "dc_merge": [],
 }
+METHOD_OF = {"ties_global": "ties"}  # a row label that is not a method name
 MERGEKIT: dict[str, tuple[str, dict, dict]] = {
     "task_arithmetic": ("task_arithmetic", {"weight": 0.3}, {"normalize": False}),
     "ties": ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True}),
@@ -115,7 +117,7 @@ def _warm(paths: list[Path]) -> None:
 
 def run_ours(method: str, base: Path, models: list[Path], out: Path, log: Path, workers: int | None) -> dict:
     cmd = [sys.executable, "-m", "taskmerge.cli", "merge", "--base", str(base), "--models", *map(str, models),
-           "--method", method, "--output", str(out), "--overwrite", "--no-progress", *OURS[method]]
+           "--method", METHOD_OF.get(method, method), "--output", str(out), "--overwrite", "--no-progress", *OURS[method]]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     return measure(cmd, log)

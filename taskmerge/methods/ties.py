@@ -53,6 +53,7 @@ __all__ = [
     "keep_count",
     "kth_largest",
     "ties_trim_mask",
+    "ties_global_mask",
     "ties_trim",
     "ties_elect_sign",
     "disjoint_mean",
@@ -121,16 +122,6 @@ def _top_mask(mag: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
         quota = k - int((mag > thr).sum())
         mask = (mag > thr) | (eq & (eq.cumsum(0) <= quota))
     return mask
-
-
-def _threshold_mask(mag: torch.Tensor, thr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """Entries of ``mag`` (T, N) above ``thr`` (T, 1), plus the first ``quota`` (T, 1) entries equal to it."""
-    mask = mag > thr
-    eq = mag == thr
-    n_eq = eq.sum(dim=1, keepdim=True)
-    if torch.equal(n_eq, quota):  # the usual case: every tie is kept (often a single entry)
-        return mask | eq
-    return mask | (eq & (eq.cumsum(dim=1) <= quota))
 
 
 def ties_trim_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor | None:
@@ -221,7 +212,7 @@ class TiesOptions(MethodOptions):
     Attributes:
         keep: fraction of entries kept per task by the trim step (the paper's k = 20 %).
         scope: ``tensor`` trims each tensor separately; ``global`` uses one model-wide magnitude threshold
-            per task (the paper's; needs ``T ×`` model-size memory for the statistics pass).
+            per task (the paper's code; two streaming statistics passes, see :class:`TiesGlobalThreshold`).
     """
 
     keep: float = Field(0.2, gt=0.0, le=1.0)
@@ -261,10 +252,11 @@ class TiesGlobalThreshold:
 
     Pass 1 counts, per task, the entries of every tensor per bucket of the magnitude's 16 leading bits (a
     few thousand non-empty buckets); ``finalize`` finds the bucket holding the k-th largest magnitude with
-    ``k = round(keep · P)``. Pass 2 collects the magnitudes in that bucket only (about 1/128 of a binade),
-    and ``finalize`` takes the exact k-th largest among them. Entries equal to the threshold are allotted,
+    ``k = round(keep · P)``. Pass 2 counts the distinct magnitudes in that bucket only (about 1/128 of a
+    binade; in float32 at most 2^16 distinct values), and ``finalize`` reads the exact k-th largest off
+    those counts. Entries equal to the threshold are allotted,
     up to k in total, in sorted tensor-name order and then flat-index order, so that exactly k entries per
-    task survive model-wide. Memory: one tensor's magnitudes at a time plus the bucket's entries, instead
+    task survive model-wide. Memory: one tensor's magnitudes at a time plus two histograms, instead
     of T × P magnitudes (17.6 GB for a 1.1B-parameter model and 4 tasks). Magnitudes are bucketed in the
     compute dtype (float32 or float64; other dtypes as float32, exactly).
     """
@@ -275,13 +267,17 @@ class TiesGlobalThreshold:
         self._buckets: _ThresholdBuckets | None = None
 
     def collect(self, name: str, deltas: torch.Tensor, options: TiesOptions,
-                ctx: LayerContext | None = None) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+                ctx: LayerContext | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mag = deltas.reshape(deltas.shape[0], -1).abs()
         if mag.dtype not in _BITS_VIEW:
             mag = mag.float()
         state = ctx.state if ctx is not None else None
-        if isinstance(state, _ThresholdBuckets):  # pass 2: the entries in the threshold's bucket
-            return [row[_buckets(row) == int(b)].cpu() for row, b in zip(mag, state.bucket)]
+        if isinstance(state, _ThresholdBuckets):  # pass 2: the distinct magnitudes in the threshold's bucket
+            out = []
+            for row, bucket in zip(mag, state.bucket):
+                values, counts = torch.unique(row[_buckets(row) == int(bucket)], return_counts=True)
+                out.append((values.cpu(), counts.cpu()))
+            return out
         counts = []  # pass 1: (bucket, count) of the non-empty buckets, per task
         for row in mag:
             total = torch.zeros(1 << 16, dtype=torch.int64, device=row.device)
@@ -296,15 +292,21 @@ class TiesGlobalThreshold:
         if self._buckets is None:
             return self._first(collected, names, options)
         state, self._buckets = self._buckets, None
-        cands = [torch.cat([collected[n][t] for n in names]) if names else torch.empty(0)
-                 for t in range(state.bucket.numel())]
-        thr = torch.stack([torch.kthvalue(c, c.numel() - (state.k - int(above)) + 1).values
-                           for c, above in zip(cands, state.larger)])
-        remaining = state.k - state.larger - torch.stack([(c > v).sum() for c, v in zip(cands, thr)])
+        thresholds, remaining = [], []
+        for t in range(state.bucket.numel()):
+            values, inverse = torch.unique(torch.cat([collected[n][t][0] for n in names]), return_inverse=True)
+            counts = torch.zeros(values.numel(), dtype=torch.int64).index_add_(
+                0, inverse, torch.cat([collected[n][t][1] for n in names]))
+            at_or_above = state.larger[t] + counts.flip(0).cumsum(0).flip(0)  # entries ≥ values[i], model-wide
+            i = int(torch.nonzero(at_or_above >= state.k).max())  # the largest value with ≥ k entries at or above it
+            thresholds.append(values[i])
+            remaining.append(state.k - (at_or_above[i] - counts[i]))  # how many entries equal to it survive
+        thr, left = torch.stack(thresholds), torch.stack(remaining)
         quota: dict[str, torch.Tensor] = {}
         for n in names:
-            q = torch.minimum(torch.stack([(c == v).sum() for c, v in zip(collected[n], thr)]), remaining)
-            remaining = remaining - q
+            ties = torch.stack([c[v == x].sum() for (v, c), x in zip(collected[n], thr)])
+            q = torch.minimum(ties, left)
+            left = left - q
             quota[n] = q
         return TiesGlobalState(threshold=thr, quota=quota)
 
@@ -328,18 +330,26 @@ class TiesGlobalThreshold:
         return self._buckets
 
 
-def _global_trim(deltas: torch.Tensor, state: TiesGlobalState, name: str) -> torch.Tensor:
+def ties_global_mask(deltas: torch.Tensor, state: TiesGlobalState, name: str) -> torch.Tensor | None:
+    """The entries of tensor ``name``'s updates (T, *shape) that the model-wide trim keeps (bool), or ``None``
+    when every entry is kept: per task, those above the threshold plus the tensor's quota of those equal to
+    it (lowest flat index first). Task by task: the extra memory is one task's magnitudes and the mask."""
     if state.threshold is None:
-        return deltas
+        return None
     if name not in state.quota:
         raise RuntimeError(f"ties (scope=global): tensor {name!r} was not seen by the statistics pass")
-    t = deltas.shape[0]
-    flat = deltas.reshape(t, -1)
-    mag = flat.abs()
-    thr = state.threshold.to(device=deltas.device, dtype=deltas.dtype).unsqueeze(1)
-    quota = state.quota[name].to(deltas.device).unsqueeze(1)
-    mask = _threshold_mask(mag, thr, quota)
-    return torch.where(mask, flat, 0).reshape(deltas.shape)
+    flat = deltas.reshape(deltas.shape[0], -1)
+    thr = state.threshold.to(device=deltas.device, dtype=deltas.dtype)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=deltas.device)
+    for i, quota in enumerate(state.quota[name].tolist()):
+        mag = flat[i].abs()
+        mask[i] = _top_mask(mag, thr[i], int((mag > thr[i]).sum()) + quota)
+    return mask.reshape(deltas.shape)
+
+
+def _global_trim(deltas: torch.Tensor, state: TiesGlobalState, name: str) -> torch.Tensor:
+    mask = ties_global_mask(deltas, state, name)
+    return deltas if mask is None else torch.where(mask, deltas, 0)
 
 
 def _ties_statistic(options: TiesOptions) -> TiesGlobalThreshold | None:
@@ -359,6 +369,6 @@ def ties(deltas: torch.Tensor, options: TiesOptions, ctx: LayerContext) -> torch
     if options.scope == "global":
         if not isinstance(ctx.state, TiesGlobalState):
             raise RuntimeError("ties (scope=global) needs the statistics pass; ctx.state is missing")
-        trimmed = _global_trim(deltas, ctx.state, ctx.name)
-        return disjoint_mean(trimmed, ties_elect_sign(trimmed))
+        mask = ties_global_mask(deltas, ctx.state, ctx.name)  # the trimmed updates are never materialised
+        return disjoint_mean(deltas, ties_elect_sign(deltas, mask), mask)
     return ties_merge(deltas, options.keep)

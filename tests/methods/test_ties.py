@@ -269,5 +269,21 @@ def test_global_statistic_summaries_are_small() -> None:
     assert sum(idx.numel() + cnt.numel() for idx, cnt in first) < 0.05 * d.numel()
     state = stat.finalize({"w": first}, opts)
     second = stat.collect("w", d, opts, LayerContext(name="w", state=state))
-    assert sum(c.numel() for c in second) < 0.02 * d.numel()
+    assert sum(v.numel() + c.numel() for v, c in second) < 0.02 * d.numel()
     assert isinstance(stat.finalize({"w": second}, opts), TiesGlobalState)
+
+
+def test_global_threshold_on_coarsely_rounded_updates() -> None:
+    # bf16-rounded updates: few distinct magnitudes, so thousands of entries tie in the threshold's bucket
+    g = torch.Generator().manual_seed(5)
+    tensors = {n: torch.randn(2, 60, 70, generator=g).bfloat16().float() for n in ("a", "b", "c")}
+    out = _run_global(tensors, 0.25)
+    flat = torch.cat([tensors[n].reshape(2, -1) for n in sorted(tensors)], dim=1)
+    k = math.floor(0.25 * flat.shape[1] + 0.5)
+    kept = torch.zeros_like(flat)
+    for t in range(2):
+        order = torch.tensor(sorted(range(flat.shape[1]), key=lambda j: (-abs(float(flat[t, j])), j))[:k])
+        kept[t, order] = flat[t, order]
+    for i, n in enumerate(sorted(tensors)):
+        part = kept[:, i * 4200:(i + 1) * 4200].reshape(2, 60, 70)
+        torch.testing.assert_close(out[n], disjoint_mean(part, ties_elect_sign(part)), rtol=0, atol=0)
