@@ -254,11 +254,11 @@ class TiesGlobalThreshold:
     few thousand non-empty buckets); ``finalize`` finds the bucket holding the k-th largest magnitude with
     ``k = round(keep · P)``. Pass 2 counts the distinct magnitudes in that bucket only (about 1/128 of a
     binade; in float32 at most 2^16 distinct values), and ``finalize`` reads the exact k-th largest off
-    those counts. Entries equal to the threshold are allotted,
-    up to k in total, in sorted tensor-name order and then flat-index order, so that exactly k entries per
-    task survive model-wide. Memory: one tensor's magnitudes at a time plus two histograms, instead
-    of T × P magnitudes (17.6 GB for a 1.1B-parameter model and 4 tasks). Magnitudes are bucketed in the
-    compute dtype (float32 or float64; other dtypes as float32, exactly).
+    those counts. Entries equal to the threshold are allotted, up to k in total, in sorted tensor-name
+    order and then flat-index order, so that exactly k entries per task survive model-wide. Memory: one
+    task's magnitudes at a time plus two histograms, instead of T × P magnitudes (17.6 GB for a
+    1.1B-parameter model and 4 tasks). Magnitudes are bucketed in the compute dtype (float32 or float64;
+    other dtypes as float32, exactly).
     """
 
     wants_context = True
@@ -268,24 +268,20 @@ class TiesGlobalThreshold:
 
     def collect(self, name: str, deltas: torch.Tensor, options: TiesOptions,
                 ctx: LayerContext | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        mag = deltas.reshape(deltas.shape[0], -1).abs()
-        if mag.dtype not in _BITS_VIEW:
-            mag = mag.float()
         state = ctx.state if ctx is not None else None
-        if isinstance(state, _ThresholdBuckets):  # pass 2: the distinct magnitudes in the threshold's bucket
-            out = []
-            for row, bucket in zip(mag, state.bucket):
-                values, counts = torch.unique(row[_buckets(row) == int(bucket)], return_counts=True)
+        out = []
+        for task in deltas.reshape(deltas.shape[0], -1):  # one task's magnitudes in memory at a time
+            row = task.abs() if task.dtype in _BITS_VIEW else task.float().abs()
+            if isinstance(state, _ThresholdBuckets):  # pass 2: the distinct magnitudes in the threshold's bucket
+                values, counts = torch.unique(row[_buckets(row) == int(state.bucket[len(out)])], return_counts=True)
                 out.append((values.cpu(), counts.cpu()))
-            return out
-        counts = []  # pass 1: (bucket, count) of the non-empty buckets, per task
-        for row in mag:
-            total = torch.zeros(1 << 16, dtype=torch.int64, device=row.device)
+                continue
+            total = torch.zeros(1 << 16, dtype=torch.int64, device=row.device)  # pass 1: counts per bucket
             for start in range(0, row.numel(), _CHUNK):
                 total += torch.bincount(_buckets(row[start:start + _CHUNK]), minlength=1 << 16)
             nonempty = total.nonzero().squeeze(1)
-            counts.append((nonempty.cpu(), total[nonempty].cpu()))
-        return counts
+            out.append((nonempty.cpu(), total[nonempty].cpu()))
+        return out
 
     def finalize(self, collected: Mapping[str, Any], options: TiesOptions) -> TiesGlobalState | _ThresholdBuckets:
         names = sorted(collected)
