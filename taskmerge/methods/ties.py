@@ -80,6 +80,35 @@ _CHUNK = 1 << 22
 _BITS_VIEW = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
 
 
+def _buckets(values: torch.Tensor) -> torch.Tensor:
+    """The bucket of each non-negative float32/float64: its 16 leading bits (for non-negative IEEE floats the
+    bit pattern read as an integer is monotone in the value)."""
+    int_dtype, shift = _BITS_VIEW[values.dtype]
+    return (values.view(int_dtype) >> shift).long()
+
+
+def _bucket_counts(values: torch.Tensor) -> torch.Tensor:
+    """How many entries of the 1-D ``values`` fall in each of the 2^16 buckets, counted in chunks."""
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
+    for start in range(0, values.numel(), _CHUNK):
+        counts += torch.bincount(_buckets(values[start:start + _CHUNK]), minlength=1 << 16)
+    return counts
+
+
+def _in_bucket(values: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The entries of the 1-D ``values`` in ``bucket``, selected in chunks."""
+    parts = [chunk[_buckets(chunk) == bucket] for chunk in values.split(_CHUNK)]
+    return torch.cat(parts) if parts else values[:0]
+
+
+def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """From per-bucket counts (2^16,), the bucket holding the k-th largest entry and how many entries lie in
+    higher buckets."""
+    above = counts.flip(0).cumsum(0).flip(0)  # above[b] = entries in buckets ≥ b
+    bucket = int(torch.nonzero(above >= k).max())  # the highest bucket with at least k entries at or above it
+    return bucket, int(above[bucket + 1]) if bucket + 1 < above.numel() else 0
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th largest entry (1 ≤ k ≤ N) of a 1-D tensor of non-negative floats, exactly.
 
@@ -94,22 +123,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"kth_largest: k must be in [1, {n}], got {k}")
-    view = _BITS_VIEW.get(values.dtype)
-    if n <= _KTHVALUE_MAX or view is None:
+    if n <= _KTHVALUE_MAX or values.dtype not in _BITS_VIEW:
         return torch.kthvalue(values, n - k + 1).values
-    int_dtype, shift = view
-    counts = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
-    for start in range(0, n, _CHUNK):
-        buckets = values[start:start + _CHUNK].view(int_dtype) >> shift
-        counts += torch.bincount(buckets.long(), minlength=1 << 16)
-    above = counts.flip(0).cumsum(0).flip(0)  # above[b] = entries in buckets ≥ b
-    bucket = int(torch.nonzero(above >= k).max())  # the highest bucket with at least k entries at or above it
-    larger = int(above[bucket + 1]) if bucket + 1 < above.numel() else 0
-    parts = []
-    for start in range(0, n, _CHUNK):
-        chunk = values[start:start + _CHUNK]
-        parts.append(chunk[(chunk.view(int_dtype) >> shift) == bucket])
-    candidates = torch.cat(parts)
+    bucket, larger = _bucket_of_kth(_bucket_counts(values), k)
+    candidates = _in_bucket(values, bucket)
     return torch.kthvalue(candidates, candidates.numel() - (k - larger) + 1).values
 
 
@@ -240,12 +257,6 @@ class _ThresholdBuckets(AnotherPass):
     larger: torch.Tensor  # (T,) int64
 
 
-def _buckets(values: torch.Tensor) -> torch.Tensor:
-    """The bucket of each non-negative float: its 16 leading bits (a monotone function of the value)."""
-    int_dtype, shift = _BITS_VIEW[values.dtype]
-    return (values.view(int_dtype) >> shift).long()
-
-
 class TiesGlobalThreshold:
     """Exact model-wide top-k magnitude threshold per task (TIES as in the paper's flattened-model code),
     in two streaming statistics passes whose summaries are small, whatever the model size.
@@ -273,12 +284,10 @@ class TiesGlobalThreshold:
         for task in deltas.reshape(deltas.shape[0], -1):  # one task's magnitudes in memory at a time
             row = task.abs() if task.dtype in _BITS_VIEW else task.float().abs()
             if isinstance(state, _ThresholdBuckets):  # pass 2: the distinct magnitudes in the threshold's bucket
-                values, counts = torch.unique(row[_buckets(row) == int(state.bucket[len(out)])], return_counts=True)
+                values, counts = torch.unique(_in_bucket(row, int(state.bucket[len(out)])), return_counts=True)
                 out.append((values.cpu(), counts.cpu()))
                 continue
-            total = torch.zeros(1 << 16, dtype=torch.int64, device=row.device)  # pass 1: counts per bucket
-            for start in range(0, row.numel(), _CHUNK):
-                total += torch.bincount(_buckets(row[start:start + _CHUNK]), minlength=1 << 16)
+            total = _bucket_counts(row)  # pass 1: the non-empty buckets and their counts
             nonempty = total.nonzero().squeeze(1)
             out.append((nonempty.cpu(), total[nonempty].cpu()))
         return out
@@ -319,10 +328,8 @@ class TiesGlobalThreshold:
         k = keep_count(total, options.keep)
         if k >= total:
             return TiesGlobalState(threshold=None)
-        above = counts.flip(1).cumsum(1).flip(1)  # above[t, b] = entries of task t in buckets ≥ b
-        bucket = torch.stack([torch.nonzero(row >= k).max() for row in above])
-        larger = torch.stack([row[b + 1] if b + 1 < row.numel() else row.new_zeros(()) for row, b in zip(above, bucket)])
-        self._buckets = _ThresholdBuckets(k=k, bucket=bucket, larger=larger)
+        bucket, larger = zip(*(_bucket_of_kth(row, k) for row in counts))
+        self._buckets = _ThresholdBuckets(k=k, bucket=torch.tensor(bucket), larger=torch.tensor(larger))
         return self._buckets
 
 
