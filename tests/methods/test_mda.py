@@ -1,6 +1,7 @@
 """MDA-TA and the simplex ETF against independent computations: the ETF's defining Gram identity and
-P_ETF's spectrum, a TSV-M reference written with torch.linalg.svd, closed forms of structured inputs,
-sign-flip invariance and degenerate inputs."""
+P_ETF's spectrum, a TSV-M reference written with torch.linalg.svd and the registry's TSV-M, the energy a
+random ETF subspace keeps (App. B.2.2), closed forms of structured inputs, sign-flip invariance and
+degenerate inputs."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from taskmerge.registry import LayerContext, get_method
 
 CTX = LayerContext(name="blocks.0.mlp.fc.weight")
 SPEC = get_method("mda_ta")
+TSV_M = get_method("tsv_m")
 
 
 def _rand(*shape: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -152,14 +154,76 @@ def test_without_projection_mda_is_tsv_m(T, m, n, seed):
     torch.testing.assert_close(_mda(deltas, projection="none"), _ref_tsv(deltas, k), atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("size", ["table", "literal"])
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6), (7, 7)])
-def test_with_c_minus_one_at_least_d_mda_is_tsv_m_times_c_over_c_minus_one(shape):
+def test_with_c_minus_one_at_least_d_mda_is_tsv_m_times_c_over_c_minus_one(shape, size):
     deltas = _rand(3, *shape, seed=1)
     ref = _ref_tsv(deltas, min(shape) // 3)
-    classes = [4, 3, 5]  # C = 12 > every side
+    classes = [4, 3, 5]  # C = 12 > every side: both readings take C = 12
     for side in ("out", "in"):
-        out = _mda(deltas, num_classes=classes, etf_side=side)
+        out = _mda(deltas, num_classes=classes, etf_side=side, etf_size=size)
         torch.testing.assert_close(out, ref * 12 / 11, atol=1e-9, rtol=1e-9)
+
+
+# The two ETF sizes (resolved readings, MDA §2)
+
+
+def _tsv_m(deltas: torch.Tensor, ctx: LayerContext = CTX) -> torch.Tensor:
+    return TSV_M.fn(deltas, TSV_M.parse({}), ctx)
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+@pytest.mark.parametrize("num_classes", [None, 5, 70])  # C unknown, C < d + 1, C > d + 1
+@pytest.mark.parametrize("T, shape", [(2, (12, 9)), (3, (9, 12)), (3, (10, 10))])
+def test_table_is_tsv_m_times_c_over_c_minus_one(T, shape, num_classes, side):
+    """``etf_size="table"``: C_eff = max(ΣC_t, d + 1) with d the projected side, P_ETF = C_eff/(C_eff−1)·I, so
+    MDA-TA is the registry's TSV-M (its own code path) times that scalar, and the closed form TSV-M of
+    ``_ref_tsv`` (full SVDs) times it."""
+    deltas = _rand(T, *shape, seed=20 + T)
+    d = shape[0] if side == "out" else shape[1]
+    c = max(num_classes or 0, d + 1)
+    out = _mda(deltas, num_classes=num_classes, etf_side=side)
+    torch.testing.assert_close(out, _tsv_m(deltas) * c / (c - 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, _ref_tsv(deltas, min(shape) // T) * c / (c - 1), atol=1e-6, rtol=0)
+
+
+def test_table_through_the_engine_is_tsv_m_scaled_per_tensor():
+    """Whole state dicts: every matrix is TSV-M's update times C/(C−1) of its own width; the rest is averaged
+    by both methods."""
+    g = torch.Generator().manual_seed(3)
+    base = {"a.weight": torch.randn(16, 8, generator=g), "b.weight": torch.randn(8, 24, generator=g),
+            "a.bias": torch.randn(16, generator=g)}
+    tasks = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    classes = [5, 7, 6]  # C = 18: C_eff = max(18, 9) = 18 for the 8-wide input side, 25 for the 24-wide one
+    mda = merged_task_vector(base, tasks, "mda_ta", {"num_classes": classes}, compute_dtype="float64")
+    tsv = merged_task_vector(base, tasks, "tsv_m", compute_dtype="float64")
+    torch.testing.assert_close(mda["a.weight"], tsv["a.weight"] * 18 / 17, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mda["b.weight"], tsv["b.weight"] * 25 / 24, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mda["a.bias"], tsv["a.bias"], atol=1e-12, rtol=0)
+
+
+def _kept_energy(out: torch.Tensor, shared: torch.Tensor, c: int) -> float:
+    """‖τ_share Π_S‖² / ‖τ_share‖², with τ_share Π_S = (C−1)/C · τ_etf (App. B.2.2)."""
+    return float(((out * (c - 1) / c).norm() / shared.norm()) ** 2)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_literal_keeps_c_minus_one_over_d_of_a_random_update(T):
+    """``etf_size="literal"`` with C − 1 < d: P_ETF = C/(C−1)·Π_S, Π_S a random (C−1)-dim subspace of the
+    d-wide side, so it keeps E‖τΠ_S‖²/‖τ‖² = (C−1)/d of an update independent of the frame (App. B.2.2,
+    Eq. 26). Eight frame seeds: each within ±0.08 of (C−1)/d = 0.25, their mean within ±0.03 (the
+    fraction's standard deviation is about 0.01–0.02 here)."""
+    m, d, c = 48, 96, 25
+    deltas = _rand(T, m, d, seed=40 + T)
+    shared = deltas[0] if T == 1 else _tsv_m(deltas)  # one task: TSV-M with k = min(m, d) is the update itself
+    fractions = []
+    for seed in range(8):
+        out = _mda(deltas, num_classes=c, etf_size="literal", etf_seed=seed)
+        fractions.append(_kept_energy(out, shared, c))
+    assert all(abs(f - (c - 1) / d) < 0.08 for f in fractions), fractions
+    assert abs(sum(fractions) / len(fractions) - (c - 1) / d) < 0.03, fractions
+    # the default ("table") keeps all of it: C_eff = d + 1
+    assert _kept_energy(_mda(deltas, num_classes=c), shared, d + 1) == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("side", ["out", "in"])
@@ -171,7 +235,7 @@ def test_qr_branch_applies_wt_w_on_the_chosen_side(side):
     w = simplex_etf(c, d, seed=seed)
     assert torch.allclose(w @ w.T, _etf_gram_by_hand(c), atol=1e-12)  # W is an ETF, so W^T W is P_ETF
     expected = (w.T @ w) @ ref if side == "out" else ref @ (w.T @ w)
-    out = _mda(deltas, num_classes=c, etf_side=side, etf_seed=seed)
+    out = _mda(deltas, num_classes=c, etf_side=side, etf_seed=seed, etf_size="literal")
     torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-9)
 
 
@@ -192,21 +256,24 @@ def test_k_fraction_and_k_reference():
 def test_layer_filters_restrict_the_projection():
     deltas = _rand(2, 8, 8, seed=5)
     plain = _ref_tsv(deltas, 4)
-    projected = _mda(deltas, num_classes=3)
+    lit = {"num_classes": 3, "etf_size": "literal"}
+    projected = _mda(deltas, **lit)
     assert not torch.allclose(projected, plain, atol=1e-6)
-    torch.testing.assert_close(_mda(deltas, num_classes=3, etf_layers=r"attn"), plain, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(_mda(deltas, num_classes=3, etf_layers=r"mlp\.fc"), projected, atol=1e-12, rtol=0)
-    torch.testing.assert_close(_mda(deltas, num_classes=3, etf_dims=[768]), plain, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(_mda(deltas, num_classes=3, etf_dims=[8]), projected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(_mda(deltas, **lit, etf_layers=r"attn"), plain, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_mda(deltas, **lit, etf_layers=r"mlp\.fc"), projected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(_mda(deltas, **lit, etf_dims=[768]), plain, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_mda(deltas, **lit, etf_dims=[8]), projected, atol=1e-12, rtol=0)
 
 
 def test_alternative_targets_of_table_15():
     deltas = _rand(2, 8, 6, seed=6)
     plain = _ref_tsv(deltas, 3)
     ortho = orthogonal_projector(6, 3).matrix()  # default side "in": the 6 columns
-    out = _mda(deltas, num_classes=3, projection="orthogonal")
+    out = _mda(deltas, num_classes=3, projection="orthogonal", etf_size="literal")
     torch.testing.assert_close(out, plain @ ortho, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(_mda(deltas, num_classes=30, projection="orthogonal"), plain, atol=1e-9, rtol=1e-9)
+    # under "table" C_eff = 7 > 6 orthonormal directions cannot exist: the target is the identity
+    torch.testing.assert_close(_mda(deltas, num_classes=3, projection="orthogonal"), plain, atol=1e-9, rtol=1e-9)
     low = low_rank_projector(8, 2).matrix()
     out = _mda(deltas, projection="low_rank", etf_side="out")
     torch.testing.assert_close(out, low @ plain, atol=1e-9, rtol=1e-9)
@@ -223,14 +290,26 @@ def test_literal_basis_reading_is_the_truncated_left_basis():
 
 def test_option_errors():
     deltas = _rand(2, 4, 4, seed=0)
-    with pytest.raises(OptionError, match="num_classes"):
-        _mda(deltas)
-    with pytest.raises(OptionError, match="2 tasks"):
-        _mda(deltas, num_classes=[3, 4, 5])
-    for bad in ({"num_classes": 1}, {"num_classes": [0, 3]}, {"k_fraction": 0}, {"etf_layers": "("}, {"shared": "x"}):
+    with pytest.raises(OptionError, match="num_classes.*etf_size='literal'"):
+        _mda(deltas, etf_size="literal")
+    torch.testing.assert_close(_mda(deltas), _ref_tsv(deltas, 2) * 5 / 4, atol=1e-9, rtol=0)  # table: C_eff = d + 1
+    for size in ("table", "literal"):
+        with pytest.raises(OptionError, match="2 tasks"):
+            _mda(deltas, num_classes=[3, 4, 5], etf_size=size)
+    bads = ({"num_classes": 1}, {"num_classes": [0, 3]}, {"k_fraction": 0}, {"etf_layers": "("}, {"shared": "x"},
+            {"etf_size": "paper"}, {"etf_seed": -1}, {"low_rank_fraction": 1.5})
+    for bad in bads:
         with pytest.raises(OptionError):
             SPEC.parse(bad)
+
+
+def test_registry_entry_follows_tsv_m_protocol_and_documents_every_option():
     assert SPEC.matrix_only and SPEC.default_lambda == 1.0
+    assert SPEC.lambda_grid == tuple(round(0.1 * i, 1) for i in range(1, 31))  # 0.1, 0.2, ..., 3.0
+    assert "TSV-M" in SPEC.summary and "C/(C−1)" in SPEC.summary
+    assert SPEC.parse({}).etf_size == "table"
+    for name, field in SPEC.options.model_fields.items():
+        assert field.description, f"option {name} has no description"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,16 +327,14 @@ def test_single_task_gives_the_task_update_scaled_by_the_etf():
     torch.testing.assert_close(_mda(d, num_classes=9), d[0] * 9 / 8, atol=1e-9, rtol=1e-9)
 
 
-def test_identical_tasks_keep_the_shared_component_exactly():
-    """T identical tasks: the concatenated bases are rank-deficient, and linalg.polar completes their null
-    directions arbitrarily, so only the part of the merge inside span(U_k) x span(V_k) is determined:
-    there it is the task's rank-k truncation."""
+@pytest.mark.parametrize("projection, scale", [("none", 1.0), ("etf", 6 / 5)])
+def test_identical_tasks_merge_to_the_task_truncation(projection, scale):
+    """T identical tasks: the concatenated bases [U_k … U_k] are rank-deficient; their partial-isometry polar
+    factor is U_k·1ᵀ/√T (Σ and V alike), so TSV-M gives (1/T)·Σ_t U_k Σ_k V_kᵀ = the task's rank-k truncation,
+    with nothing outside span(U_k) × span(V_k). Under "table" (C_eff = 5 + 1) the ETF scales it by 6/5."""
     d = _rand(6, 5, seed=9)
-    out = _mda(torch.stack([d, d, d]), projection="none")
-    u = torch.linalg.svd(d, full_matrices=False)[0][:, :1]
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(u @ u.T @ out, _truncate(d, 1), atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(out, _mda(torch.stack([d, d, d]), projection="none"), atol=0, rtol=0)
+    out = _mda(torch.stack([d, d, d]), projection=projection)
+    torch.testing.assert_close(out, scale * _truncate(d, 1), atol=1e-9, rtol=1e-9)
 
 
 def test_a_zero_task_is_ignored_and_zero_tasks_merge_to_zero():
@@ -277,16 +354,17 @@ def test_rank_budget_beyond_min_dim_and_thin_matrices_are_finite(shape, T, fract
     assert out.shape == shape and torch.isfinite(out).all()
 
 
-def test_float32_matches_float64():
+@pytest.mark.parametrize("size", ["table", "literal"])
+def test_float32_matches_float64(size):
     deltas = _rand(3, 12, 9, seed=11)
-    out32 = _mda(deltas.float(), num_classes=5)
+    out32 = _mda(deltas.float(), num_classes=5, etf_size=size)
     assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32.double(), _mda(deltas, num_classes=5), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out32.double(), _mda(deltas, num_classes=5, etf_size=size), atol=1e-4, rtol=1e-4)
 
 
 def test_sign_flips_of_singular_pairs_do_not_change_the_merge(monkeypatch):
     deltas = _rand(3, 8, 7, seed=12)
-    expected = _mda(deltas, num_classes=4)
+    expected = _mda(deltas, num_classes=4, etf_size="literal")
     original = linalg.truncated_svd
     gen = torch.Generator().manual_seed(0)
 
@@ -296,7 +374,7 @@ def test_sign_flips_of_singular_pairs_do_not_change_the_merge(monkeypatch):
         return linalg.SVD(dec.U * sign, dec.S, dec.Vh * sign[:, None])
 
     monkeypatch.setattr(linalg, "truncated_svd", flipped)
-    torch.testing.assert_close(_mda(deltas, num_classes=4), expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_mda(deltas, num_classes=4, etf_size="literal"), expected, atol=1e-9, rtol=1e-9)
 
 
 def test_engine_merges_matrices_and_averages_the_rest():
