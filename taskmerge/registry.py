@@ -122,6 +122,9 @@ class MethodSpec:
         default_lambda: the scaling coefficient used when none is given.
         lambda_grid: the grid the benchmark sweeps on validation data.
         global_statistic: factory of the model-level statistic, or ``None``.
+        option_grid: ``(option name, values)`` of a hyper-parameter of the method's own that the benchmark
+            chooses on validation instead of λ when the λ grid is the single value 1.0 (e.g. AlignMerge-B's
+            ``("alpha", (1.0, 1.4, 1.8, 2.2, 3.0))``); ``None`` for a plain λ sweep.
     """
 
     name: str
@@ -134,6 +137,7 @@ class MethodSpec:
     default_lambda: float = 1.0
     lambda_grid: tuple[float, ...] = field(default_factory=tuple)
     global_statistic: Callable[[MethodOptions], GlobalStatistic | None] | None = None
+    option_grid: tuple[str, tuple[float, ...]] | None = None
 
     def parse(self, options: Mapping[str, Any] | MethodOptions | None) -> MethodOptions:
         """Validate raw options for this method (see :func:`parse_options`)."""
@@ -162,15 +166,23 @@ def register_method(
     default_lambda: float = 1.0,
     lambda_grid: Iterable[float] | None = None,
     global_statistic: Callable[[MethodOptions], GlobalStatistic | None] | None = None,
+    option_grid: tuple[str, Iterable[float]] | None = None,
 ) -> Callable[[LayerFn], LayerFn]:
     """Decorator registering a per-layer function under ``name``.
 
     The default λ grid is 0.1, 0.2, …, 3.0 (the TSV/Iso protocol's ``linspace(0, 3, 31)[1:]``).
+    ``option_grid`` names one of ``options``' fields and the values the benchmark sweeps (see :class:`MethodSpec`).
     """
 
     def decorator(fn: LayerFn) -> LayerFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
+        swept = None
+        if option_grid is not None:
+            key, values = option_grid[0], tuple(float(v) for v in option_grid[1])
+            if key not in options.model_fields or not values:
+                raise ValueError(f"method {name!r}: option_grid needs an option of {options.__name__} and values")
+            swept = (key, values)
         grid = tuple(lambda_grid) if lambda_grid is not None else _grid(0.1, 3.0, 30)
         _REGISTRY[name] = MethodSpec(
             name=name,
@@ -183,6 +195,7 @@ def register_method(
             default_lambda=default_lambda,
             lambda_grid=grid,
             global_statistic=global_statistic,
+            option_grid=swept,
         )
         return fn
 
