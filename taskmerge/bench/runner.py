@@ -237,23 +237,41 @@ def run_benchmark(
             # MDA's ETF size C comes from the merged tasks' class counts.
             method_options[method]["num_classes"] = [len(data[n].labels) for n in task_names]
         grid = [float(x) for x in (lam_grid if lam_grid is not None else spec.lambda_grid or (spec.default_lambda,))]
-        t0 = time.perf_counter()
-        tau = merged_task_vector(base_sd, task_sds, name, method_options[method])
-        merge_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
 
-        def score(lam: float) -> tuple[float, dict[str, float]]:
-            val = _evaluate_all(ev, apply_task_vector(base_sd, tau, lam), heads, data, "val")
+        def score_at(tau_: Mapping[str, torch.Tensor], lam: float) -> tuple[float, dict[str, float]]:
+            val = _evaluate_all(ev, apply_task_vector(base_sd, tau_, lam), heads, data, "val")
             return _mean([normalized_accuracy(val[n], ft_val[n]) for n in task_names]), val
 
-        bar = tqdm(grid, desc=f"λ sweep {method}", disable=not progress, leave=False)
-        lam, best_score, curve = sweep_lambda(list(bar), score, patience)
-        bar.close()
+        from taskmerge.bench.option_sweep import sweep_option, swept_option
+
+        swept = swept_option(spec, grid, method_options[method])
+        option_record: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if swept is None:
+            tau = merged_task_vector(base_sd, task_sds, name, method_options[method])
+            merge_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bar = tqdm(grid, desc=f"λ sweep {method}", disable=not progress, leave=False)
+            lam, best_score, curve = sweep_lambda(list(bar), lambda x: score_at(tau, x), patience)
+            bar.close()
+        else:  # the method's own hyper-parameter chosen on validation at λ = 1 (sweep_seconds includes the merges)
+            key, values = swept
+            opts = method_options[method]
+            bar = tqdm(values, desc=f"{key} sweep {method}", disable=not progress, leave=False)
+            found = sweep_option(key, list(bar),
+                                 lambda v: merged_task_vector(base_sd, task_sds, name, {**opts, key: v}),
+                                 lambda t: score_at(t, 1.0))
+            bar.close()
+            tau, lam, best_score, merge_seconds = found.tau, 1.0, found.score, found.merge_seconds
+            curve = [{"lambda": 1.0, **point} for point in found.curve]
+            method_options[method] = {**opts, key: found.value}
+            option_record = {"chosen_option": {key: found.value}, "option_grid": {key: list(values)}}
         chosen_sd = apply_task_vector(base_sd, tau, lam)
         test = _evaluate_all(ev, chosen_sd, heads, data, "test")
         unseen_test = _evaluate_all(ev, chosen_sd, unseen_heads, unseen_data, "test") if unseen else {}
         results["methods"][method] = {
             **summary(test),
+            **option_record,
             "method": name,
             "lambda": lam,
             "avg_normalized_val": best_score,
