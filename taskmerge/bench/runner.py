@@ -31,27 +31,12 @@ from typing import Any
 import torch
 
 from taskmerge.bench.backbone import Backbone, load_backbone
-from taskmerge.bench.datasets import UNSEEN_TASKS, TaskData, load_task, resolve_tasks
+from taskmerge.bench.datasets import SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
 from taskmerge.bench.finetune import Recipe, configure_threads, finetune, get_recipe, linear_probe
 from taskmerge.errors import OptionError
 
 logger = logging.getLogger(__name__)
-
-SHORT_NAMES: dict[str, str] = {
-    "fortune_topic_a": "FortTopA",
-    "fortune_topic_b": "FortTopB",
-    "fortune_language": "FortLang",
-    "wordnet_noun_supersense": "WN-Noun",
-    "wordnet_verb_supersense": "WN-Verb",
-    "wordnet_pos": "WN-POS",
-    "wordnet_domain": "WN-Dom",
-    "vader_polarity": "VADER",
-    "chatterbot_category": "ChatCat",
-    "chatterbot_language": "ChatLang",
-    "toy_letters": "ToyLet",
-    "toy_length": "ToyLen",
-}
 
 MergeAPI = tuple[Callable[..., dict[str, torch.Tensor]], Callable[..., dict[str, torch.Tensor]], Callable[[str], Any]]
 

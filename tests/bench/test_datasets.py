@@ -16,6 +16,8 @@ import yaml
 
 from taskmerge.bench.datasets import (
     MAIN_TASKS,
+    MAIN_TASKS_8,
+    SUITE_SIZES,
     TASKS,
     TOY_TASKS,
     UNSEEN_TASKS,
@@ -24,7 +26,7 @@ from taskmerge.bench.datasets import (
     resolve_tasks,
 )
 from taskmerge.bench.datasets import fortunes, wordnet
-from taskmerge.bench.datasets.common import balanced_split, clean_groups
+from taskmerge.bench.datasets.common import V2_TEST_TARGET, balanced_split, clean_groups, v2_caps
 
 REAL_TASKS = [t for t in TASKS if t not in TOY_TASKS]
 EXPECTED_CLASSES = {
@@ -34,9 +36,9 @@ EXPECTED_CLASSES = {
 }
 
 
-def _load(name: str, seed: int = 0):
+def _load(name: str, seed: int = 0, protocol: str = "v2"):
     try:
-        return load_task(name, seed)
+        return load_task(name, seed, protocol)
     except TaskSourceMissing as exc:  # pragma: no cover - CI installs every source
         pytest.skip(str(exc))
 
@@ -51,20 +53,27 @@ def _sha(examples) -> str:
 
 
 def test_suite_lists() -> None:
-    assert len(MAIN_TASKS) == 8 and len(set(MAIN_TASKS)) == 8
+    assert len(MAIN_TASKS_8) == 8 and MAIN_TASKS[:8] == MAIN_TASKS_8 and len(set(MAIN_TASKS)) == len(MAIN_TASKS)
+    assert len(MAIN_TASKS) <= max(SUITE_SIZES) == 20
     assert len(UNSEEN_TASKS) >= 2 and not set(UNSEEN_TASKS) & set(MAIN_TASKS)
     assert set(MAIN_TASKS) | set(UNSEEN_TASKS) <= set(TASKS)
     assert resolve_tasks(4) == list(MAIN_TASKS[:4])
-    assert resolve_tasks("8") == list(MAIN_TASKS)
+    assert resolve_tasks("8") == list(MAIN_TASKS_8)
+    for n in SUITE_SIZES:  # each setting is a prefix of the next
+        if n <= len(MAIN_TASKS):
+            assert resolve_tasks(n) == list(MAIN_TASKS[:n])
+    with pytest.raises(ValueError):
+        resolve_tasks(len(MAIN_TASKS) + 1)
     assert resolve_tasks("all") == list(MAIN_TASKS) + list(UNSEEN_TASKS)
     assert resolve_tasks("vader_polarity,wordnet_pos") == ["vader_polarity", "wordnet_pos"]
     with pytest.raises(KeyError):
         resolve_tasks(["no_such_task"])
 
 
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
 @pytest.mark.parametrize("name", list(TASKS))
-def test_splits_disjoint_balanced_and_hashed(name: str) -> None:
-    d = _load(name)
+def test_splits_disjoint_balanced_and_hashed(name: str, protocol: str) -> None:
+    d = _load(name, 0, protocol)
     assert len(d.labels) == EXPECTED_CLASSES[name] == len(set(d.labels))
     texts = {s: [t for t, _ in d.split(s)] for s in ("train", "val", "test")}
     for s, ts in texts.items():
@@ -80,8 +89,19 @@ def test_splits_disjoint_balanced_and_hashed(name: str) -> None:
     train_counts = [sum(1 for _, y in d.train if y == i) for i in range(k)]
     assert min(train_counts) > 0
     assert all(0 <= y < k for s in ("train", "val", "test") for _, y in d.split(s))
-    # suite budget: <= 1000 train, 200 val, 400 test examples per task
-    assert len(d.train) <= 1000 and len(d.val) <= 200 and len(d.test) <= 400
+    # suite budget: <= 1000 train, 200 val examples per task; test <= 400 (v1) or up to the v2 target
+    assert len(d.train) <= 1000 and len(d.val) <= 200
+    if protocol == "v1":
+        assert len(d.test) <= 400 and "protocol" not in d.manifest
+    else:
+        v1 = _load(name, 0, "v1")
+        assert d.manifest["protocol"] == "v2" and len(d.val) == len(v1.val) and len(d.test) >= len(v1.test)
+        if name in REAL_TASKS and len(d.test) < V2_TEST_TARGET:
+            # a source too small for the target: its smallest class keeps only the training floor (half of v1's)
+            v1_train_cap = max(sum(1 for _, y in v1.train if y == i) for i in range(k))
+            assert min(train_counts) == -(-v1_train_cap // 2), (train_counts, v1_train_cap)
+        elif name in REAL_TASKS:
+            assert len(d.test) - V2_TEST_TARGET < k
     m = d.manifest
     assert m["labels"] == d.labels
     for s in ("train", "val", "test"):
@@ -124,10 +144,55 @@ def test_manifest_hashes_stable_across_processes() -> None:
             assert runs[0][n] == _load(n).manifest["sha256"]
 
 
+V1_MANIFEST_HASHES = {  # computed with the code before protocol v2 existed (commit 665f739)
+    "fortune_topic_a": "18e67d05d7d942df817fd416d6dc8c3998b60bb5fc3ee11560c1e0e2a22354d4",
+    "fortune_topic_b": "6bbdf27d3f0d90931420e548381360ea35afc0ca9cc5951c63ec24692a3b9069",
+    "fortune_language": "37500bdb9c3656c68830cff8a4f70cb0d45d9a5976eaebe3c4f71567b2f79a4f",
+    "wordnet_noun_supersense": "2fda2f600c4174e2e2ca39a5144ddd92f8820acc5f60cef6c66c6833ea993313",
+    "wordnet_verb_supersense": "0474929085a88c923e87fe94b3ed765edb2865c4825358e64d3ae0ed070a0a98",
+    "wordnet_pos": "82495c6b85b2bb7363c3b2413f7e502e463bee1a277ae7eb7477d4daaad48c76",
+    "wordnet_domain": "e471659bf280c02274094fed0cff2a0e6e12cb464fe66bd75a8260978071c8dc",
+    "vader_polarity": "2e0e07711a47b564ae975894ea92825de99fbbf3c7cbe6470cf974f42e760e83",
+    "chatterbot_category": "0a9dc2f22e4e2ee087bd110d5df007377e2dd36fe43d9539dd9df7ee502b07e8",
+    "chatterbot_language": "03fb756cd981ee4c4c82c225961411c50e345255eb885f73b32857259e368269",
+    "toy_letters": "1df115560046b0cddeb66b3d3dd445b9db17eccd7f714a6554df554f70d75cfa",
+    "toy_length": "d937ba9b255997b7d07c6bed4751556f3c284f485c5ced05efe44b087883e3eb",
+}
+
+
+@pytest.mark.parametrize("name", list(V1_MANIFEST_HASHES))
+def test_v1_manifests_unchanged(name: str) -> None:
+    """Protocol v1 reproduces the first benchmark's data exactly, so its cached checkpoints stay valid."""
+    assert _load(name, 0, "v1").manifest_hash == V1_MANIFEST_HASHES[name]
+
+
+def test_v2_caps_rule() -> None:
+    # big source: target split evenly (ceil), v1 val and train kept
+    assert v2_caps([5000, 3000], {"train": 500, "val": 100, "test": 200}, 1000) == \
+        {"train": 500, "val": 100, "test": 500}
+    assert v2_caps([5000] * 6, {"train": 166, "val": 33, "test": 66}, 1000)["test"] == 167
+    # fortune_topic_b's numbers: smallest class 197, v1 caps 125/25/50 -> 197 - 25 - ceil(125/2) = 109 test
+    assert v2_caps([454, 197, 334], {"train": 125, "val": 25, "test": 50}, 1000)["test"] == 109
+    # never below v1's test size
+    assert v2_caps([60, 90], {"train": 60, "val": 10, "test": 30}, 1000)["test"] == 30
+    # min_train_fraction=1 keeps the whole v1 training size
+    assert v2_caps([197], {"train": 125, "val": 25, "test": 50}, 1000, min_train_fraction=1.0)["test"] == 50
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_zero_shot_prompts(name: str) -> None:
+    d = _load(name)
+    assert len(d.class_names) == len(d.labels) == len(set(d.class_names))
+    assert all(n.strip() for n in d.class_names)
+    assert (3 if name in TOY_TASKS else 4) <= len(d.templates) <= 8
+    assert all(t.count("{}") == 1 for t in d.templates)
+    assert d.info is not None and d.info.short_name
+
+
 def test_toy_golden_hashes() -> None:
     """Golden values pin the split algorithm itself (the toy data has no external source): a change to
     cleaning, seeding, ordering or hashing shows up here."""
-    d = load_task("toy_letters", 0)
+    d = load_task("toy_letters", 0, "v1")
     assert d.manifest["counts"] == {"train": 200, "val": 60, "test": 120}
     assert d.manifest["per_class"]["test"] == {"first_half": 60, "second_half": 60}
     assert d.manifest["sha256"] == {

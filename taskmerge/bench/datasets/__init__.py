@@ -1,7 +1,9 @@
 """The benchmark's text-classification tasks: a registry of loaders and the suite's task lists.
 
-``load_task(name, seed)`` returns a :class:`TaskData` with class-balanced train / val / test splits of
-``(text, label index)`` pairs and a manifest (counts, SHA-256 of each split). One module per source:
+``load_task(name, seed, protocol)`` returns a :class:`TaskData` with class-balanced train / val / test splits
+of ``(text, label index)`` pairs, a manifest (counts, SHA-256 of each split) and the class names and prompt
+templates of its zero-shot head (see :mod:`.common` for the loader interface and the ``"v1"`` / ``"v2"`` split
+protocols). One module per source:
 
 * :mod:`.fortunes` — Debian ``fortunes`` + language packs: ``fortune_topic_a``, ``fortune_topic_b``,
   ``fortune_language``;
@@ -14,11 +16,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from taskmerge.bench.datasets import chatterbot, fortunes, toy, vader, wordnet
 from taskmerge.bench.datasets.common import (
     DEFAULT_BUDGET,
+    PROTOCOLS,
     SPLITS,
     Example,
     TaskData,
@@ -27,7 +30,13 @@ from taskmerge.bench.datasets.common import (
     split_sha256,
 )
 
-TaskLoader = Callable[[int], TaskData]
+
+
+class TaskLoader(Protocol):
+    """A task's loader: ``loader(seed, protocol) -> TaskData`` (see :mod:`.common`)."""
+
+    def __call__(self, seed: int = 0, protocol: str = "v2") -> TaskData: ...
+
 
 TASKS: dict[str, TaskLoader] = {
     "fortune_topic_a": fortunes.fortune_topic_a,
@@ -45,7 +54,7 @@ TASKS: dict[str, TaskLoader] = {
 }
 """Every loadable task, name -> ``loader(seed) -> TaskData``."""
 
-MAIN_TASKS: tuple[str, ...] = (
+MAIN_TASKS_8: tuple[str, ...] = (
     "fortune_topic_a",
     "wordnet_noun_supersense",
     "vader_polarity",
@@ -55,30 +64,59 @@ MAIN_TASKS: tuple[str, ...] = (
     "wordnet_pos",
     "chatterbot_category",
 )
-"""The 8 merged tasks, ordered so that every prefix (4 = first four) mixes sources."""
+"""The 8 merged tasks of the first benchmark, ordered so that every prefix (4 = first four) mixes sources."""
+
+EXTRA_TASKS: tuple[str, ...] = ()
+"""Tasks 9-20 of the suite, in order (9-14 make the 14-task setting, 15-20 the 20-task one)."""
+
+MAIN_TASKS: tuple[str, ...] = MAIN_TASKS_8 + EXTRA_TASKS
+"""The merged tasks: ``--tasks n`` is the first ``n`` (8, 14, 20 as in the papers; every setting is a prefix
+of the next)."""
+
+SUITE_SIZES: tuple[int, ...] = (8, 14, 20)
+"""The task counts of the benchmark's settings."""
 
 UNSEEN_TASKS: tuple[str, ...] = ("wordnet_domain", "chatterbot_language")
 """Tasks held out of the merge, for generalisation tables (evaluated with their linear-probe heads)."""
 
 TOY_TASKS: tuple[str, ...] = ("toy_letters", "toy_length")
 
+SHORT_NAMES: dict[str, str] = {
+    "fortune_topic_a": "FortTopA",
+    "fortune_topic_b": "FortTopB",
+    "fortune_language": "FortLang",
+    "wordnet_noun_supersense": "WN-Noun",
+    "wordnet_verb_supersense": "WN-Verb",
+    "wordnet_pos": "WN-POS",
+    "wordnet_domain": "WN-Dom",
+    "vader_polarity": "VADER",
+    "chatterbot_category": "ChatCat",
+    "chatterbot_language": "ChatLang",
+    "toy_letters": "ToyLet",
+    "toy_length": "ToyLen",
+}
+"""Column headers of the result tables (a task missing here is shown under its full name)."""
 
-def load_task(name: str, seed: int = 0) -> TaskData:
-    """Load task ``name`` with splits cut from ``seed``; raises :class:`TaskSourceMissing` if its source is absent."""
+
+def load_task(name: str, seed: int = 0, protocol: str = "v2") -> TaskData:
+    """Load task ``name`` with splits cut from ``seed`` under split ``protocol`` (``"v2"``, or ``"v1"`` for the
+    first benchmark's splits); raises :class:`TaskSourceMissing` if its source is absent."""
     try:
         loader = TASKS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
-    return loader(seed)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    return loader(seed, protocol)
 
 
 def resolve_tasks(tasks: int | str | list[str] | tuple[str, ...]) -> list[str]:
-    """A task selection as a list of names: an int ``n`` is the first ``n`` of :data:`MAIN_TASKS`;
+    """A task selection as a list of names: an int ``n`` is the first ``n`` of :data:`MAIN_TASKS` (8, 14, 20);
     ``"all"`` is :data:`MAIN_TASKS` + :data:`UNSEEN_TASKS`; a comma-separated string or a list names tasks."""
     if isinstance(tasks, int) or (isinstance(tasks, str) and tasks.isdigit()):
         n = int(tasks)
         if not 1 <= n <= len(MAIN_TASKS):
-            raise ValueError(f"task count must be 1..{len(MAIN_TASKS)}, got {n}")
+            raise ValueError(f"task count must be 1..{len(MAIN_TASKS)} (the tasks of MAIN_TASKS), got {n}")
         return list(MAIN_TASKS[:n])
     if tasks == "all":
         return list(MAIN_TASKS + UNSEEN_TASKS)
@@ -90,6 +128,7 @@ def resolve_tasks(tasks: int | str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 __all__ = [
-    "DEFAULT_BUDGET", "MAIN_TASKS", "SPLITS", "TASKS", "TOY_TASKS", "UNSEEN_TASKS", "Example", "TaskData",
-    "TaskInfo", "TaskSourceMissing", "load_task", "resolve_tasks", "split_sha256",
+    "DEFAULT_BUDGET", "EXTRA_TASKS", "MAIN_TASKS", "MAIN_TASKS_8", "PROTOCOLS", "SHORT_NAMES", "SPLITS", "SUITE_SIZES",
+    "TASKS", "TOY_TASKS", "UNSEEN_TASKS", "Example", "TaskData", "TaskInfo", "TaskLoader", "TaskSourceMissing",
+    "load_task", "resolve_tasks", "split_sha256",
 ]

@@ -30,6 +30,20 @@ LANGUAGES: tuple[str, ...] = (
 )
 # The smallest English categories hold ~120 distinct lines, so the category task has smaller caps.
 CATEGORY_CAPS: dict[str, int] = {"train": 70, "val": 15, "test": 30}
+CATEGORY_NAMES: tuple[str, ...] = (
+    "artificial intelligence", "computer programming", "small talk", "emotions", "psychology", "trivia",
+)
+CATEGORY_TEMPLATES: tuple[str, ...] = (
+    "{}", "a chat message about {}.", "a chatbot conversation about {}.", "a question or answer about {}.",
+    "talking about {}.", "a line of dialogue on the topic of {}.",
+)
+LANGUAGE_NAMES: tuple[str, ...] = (
+    "Dutch", "English", "Indonesian", "Italian", "Portuguese", "Spanish", "Turkish", "Ukrainian",
+)
+LANGUAGE_TEMPLATES: tuple[str, ...] = (
+    "{}", "a chat message in {}.", "a sentence written in {}.", "this is {}.", "{} text.",
+    "a line of dialogue in the {} language.",
+)
 _INSTALL = "pip install --no-deps chatterbot-corpus==1.3.3"
 _LICENSE = "BSD-3-Clause"
 
@@ -64,23 +78,27 @@ def _language_lines(language: str) -> dict[str, tuple[str, ...]]:
     return {p.stem: tuple(parse_corpus_file(p.read_text(encoding="utf-8"))) for p in sorted(root.glob("*.yml"))}
 
 
-def _info(name: str, description: str) -> TaskInfo:
+def _info(
+    name: str, description: str, short: str, class_names: tuple[str, ...], templates: tuple[str, ...]
+) -> TaskInfo:
     return TaskInfo(
         name=name, source="PyPI chatterbot-corpus 1.3.3, chatterbot_corpus/data/*/*.yml", license=_LICENSE,
-        description=description, install=_INSTALL,
+        description=description, install=_INSTALL, short_name=short, class_names=class_names, templates=templates,
     )
 
 
-def chatterbot_category(seed: int = 0) -> TaskData:
+def chatterbot_category(seed: int = 0, protocol: str = "v2") -> TaskData:
     """English dialogue line -> category, 6 classes (:data:`CATEGORIES`)."""
     by_file = _language_lines("english")
     groups = {c: list(by_file[c]) for c in CATEGORIES}
     desc = "English chatbot dialogue line -> corpus category: " + ", ".join(CATEGORIES)
-    return build_task("chatterbot_category", groups, seed, info=_info("chatterbot_category", desc), caps=CATEGORY_CAPS)
+    info = _info("chatterbot_category", desc, "ChatCat", CATEGORY_NAMES, CATEGORY_TEMPLATES)
+    return build_task("chatterbot_category", groups, seed, info=info, caps=CATEGORY_CAPS, protocol=protocol)
 
 
-def chatterbot_language(seed: int = 0) -> TaskData:
+def chatterbot_language(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Dialogue line -> language, 8 classes (:data:`LANGUAGES`)."""
     groups = {lang: [t for lines in _language_lines(lang).values() for t in lines] for lang in LANGUAGES}
     desc = "chatbot dialogue line -> language: " + ", ".join(LANGUAGES)
-    return build_task("chatterbot_language", groups, seed, info=_info("chatterbot_language", desc))
+    info = _info("chatterbot_language", desc, "ChatLang", LANGUAGE_NAMES, LANGUAGE_TEMPLATES)
+    return build_task("chatterbot_language", groups, seed, info=info, protocol=protocol)

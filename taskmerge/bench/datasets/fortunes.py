@@ -35,7 +35,23 @@ TOPICS_A: tuple[str, ...] = (
 )
 TOPICS_B: tuple[str, ...] = ("art", "education", "food", "law", "linux", "literature", "startrek", "zippy")
 
+# Zero-shot prompts: readable topic names (file names like "songs-poems" spelt out) and language names.
+TOPIC_NAMES: dict[str, str] = {
+    "computers": "computers", "definitions": "definitions of words", "people": "famous people",
+    "politics": "politics", "science": "science", "songs-poems": "songs and poems", "work": "work and jobs",
+    "men-women": "men and women", "art": "art", "education": "education and school", "food": "food",
+    "law": "law and lawyers", "linux": "Linux", "literature": "literature and books", "startrek": "Star Trek",
+    "zippy": "Zippy the Pinhead",
+}
+TOPIC_TEMPLATES: tuple[str, ...] = (
+    "{}", "a quotation about {}.", "a fortune cookie saying about {}.", "a joke about {}.",
+    "a witty remark on {}.", "this quote is about {}.",
+)
 LANGUAGES: tuple[str, ...] = ("en", "de", "es", "it", "pt", "pl", "cs", "ru")
+LANGUAGE_NAMES: tuple[str, ...] = ("English", "German", "Spanish", "Italian", "Portuguese", "Polish", "Czech", "Russian")
+LANGUAGE_TEMPLATES: tuple[str, ...] = (
+    "{}", "a text in {}.", "a saying written in {}.", "this is {}.", "a quotation in the {} language.", "{} text.",
+)
 _LANGUAGE_DIRS: dict[str, str] = {"de": "de", "es": "es", "it": "it", "pl": "pl", "cs": "cs", "ru": "ru"}
 
 _INSTALL = (
@@ -107,7 +123,7 @@ def languages(root: str = str(FORTUNE_DIR)) -> dict[str, tuple[str, ...]]:
     return {code: out[code] for code in LANGUAGES}
 
 
-def _topic_task(name: str, topics: Iterable[str], seed: int) -> TaskData:
+def _topic_task(name: str, short: str, topics: Iterable[str], seed: int, protocol: str) -> TaskData:
     topics = tuple(topics)
     info = TaskInfo(
         name=name,
@@ -115,26 +131,29 @@ def _topic_task(name: str, topics: Iterable[str], seed: int) -> TaskData:
         license=_LICENSE,
         description="English fortune -> the topic file it comes from: " + ", ".join(topics),
         install=_INSTALL,
+        short_name=short,
+        class_names=tuple(TOPIC_NAMES[t] for t in topics),
+        templates=TOPIC_TEMPLATES,
     )
     all_topics = english_topics()
     missing = [t for t in topics if t not in all_topics]
     if missing:
         raise TaskSourceMissing(f"fortune topic files {missing} not found under {FORTUNE_DIR}; {_INSTALL}")
     groups = {t: list(all_topics[t]) for t in topics}
-    return build_task(name, groups, seed, info=info, min_chars=MIN_CHARS, max_chars=MAX_CHARS)
+    return build_task(name, groups, seed, info=info, min_chars=MIN_CHARS, max_chars=MAX_CHARS, protocol=protocol)
 
 
-def fortune_topic_a(seed: int = 0) -> TaskData:
+def fortune_topic_a(seed: int = 0, protocol: str = "v2") -> TaskData:
     """English fortune topic, 8 classes (:data:`TOPICS_A`)."""
-    return _topic_task("fortune_topic_a", TOPICS_A, seed)
+    return _topic_task("fortune_topic_a", "FortTopA", TOPICS_A, seed, protocol)
 
 
-def fortune_topic_b(seed: int = 0) -> TaskData:
+def fortune_topic_b(seed: int = 0, protocol: str = "v2") -> TaskData:
     """English fortune topic, 8 classes disjoint from task A (:data:`TOPICS_B`)."""
-    return _topic_task("fortune_topic_b", TOPICS_B, seed)
+    return _topic_task("fortune_topic_b", "FortTopB", TOPICS_B, seed, protocol)
 
 
-def fortune_language(seed: int = 0) -> TaskData:
+def fortune_language(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Language identification of fortunes over 8 languages (:data:`LANGUAGES`)."""
     info = TaskInfo(
         name="fortune_language",
@@ -142,6 +161,10 @@ def fortune_language(seed: int = 0) -> TaskData:
         license=_LICENSE,
         description="fortune -> its language: " + ", ".join(LANGUAGES),
         install=_INSTALL,
+        short_name="FortLang",
+        class_names=LANGUAGE_NAMES,
+        templates=LANGUAGE_TEMPLATES,
     )
     groups = {code: list(v) for code, v in languages().items()}
-    return build_task("fortune_language", groups, seed, info=info, min_chars=MIN_CHARS, max_chars=MAX_CHARS)
+    return build_task("fortune_language", groups, seed, info=info, min_chars=MIN_CHARS, max_chars=MAX_CHARS,
+                      protocol=protocol)

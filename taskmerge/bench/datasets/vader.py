@@ -49,7 +49,13 @@ def lexicon() -> dict[str, float]:
     return parse_lexicon(lexicon_path().read_text(encoding="utf-8"))
 
 
-def vader_polarity(seed: int = 0) -> TaskData:
+CLASS_NAMES: tuple[str, ...] = ("negative", "positive")
+TEMPLATES: tuple[str, ...] = (
+    "{}", "a {} word.", "something {}.", "a word with a {} meaning.", "a {} feeling.", "this is {}.",
+)
+
+
+def vader_polarity(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Lexicon token -> negative / positive (2 classes, ``|mean| >= 0.5``)."""
     groups: dict[str, list[str]] = {"negative": [], "positive": []}
     for token, mean in lexicon().items():
@@ -63,5 +69,8 @@ def vader_polarity(seed: int = 0) -> TaskData:
         license="MIT",
         description="VADER lexicon entry -> polarity (negative if mean <= -0.5, positive if >= 0.5)",
         install=_INSTALL,
+        short_name="VADER",
+        class_names=CLASS_NAMES,
+        templates=TEMPLATES,
     )
-    return build_task("vader_polarity", groups, seed, info=info, labels=LABELS)
+    return build_task("vader_polarity", groups, seed, info=info, labels=LABELS, protocol=protocol)

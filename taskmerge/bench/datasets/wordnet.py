@@ -57,6 +57,38 @@ DOMAINS: tuple[str, ...] = (
     "law", "military", "chemistry", "computer_science", "biology", "physics", "music", "mathematics",
 )
 
+# Zero-shot prompts: supersense codes as plain words, domains without underscores.
+SUPERSENSE_NAMES: dict[str, str] = {
+    "noun.act": "an act or action", "noun.animal": "an animal", "noun.artifact": "a man-made object",
+    "noun.body": "a part of the body", "noun.communication": "communication or language",
+    "noun.food": "food or drink", "noun.location": "a place or location", "noun.person": "a person",
+    "noun.plant": "a plant", "noun.substance": "a substance or material",
+    "verb.change": "changing something", "verb.cognition": "thinking or knowing",
+    "verb.communication": "speaking or communicating", "verb.contact": "touching or hitting",
+    "verb.creation": "making or creating something", "verb.motion": "moving or travelling",
+    "verb.possession": "owning, buying or giving", "verb.social": "social life and groups",
+}
+NOUN_TEMPLATES: tuple[str, ...] = (
+    "{}", "a definition of {}.", "the meaning of a word for {}.", "a dictionary entry describing {}.",
+    "a word that names {}.", "this is {}.",
+)
+VERB_TEMPLATES: tuple[str, ...] = (
+    "{}", "a verb about {}.", "a definition of a verb meaning {}.", "a dictionary entry for an action of {}.",
+    "to do with {}.",
+)
+POS_NAMES: tuple[str, ...] = ("a noun, naming a thing", "a verb, naming an action", "an adjective, describing a thing",
+                              "an adverb, describing how something is done")
+POS_TEMPLATES: tuple[str, ...] = (
+    "{}", "the definition of {}.", "a dictionary definition of {}.", "a gloss that defines {}.",
+    "the meaning of {}.",
+)
+DOMAIN_NAMES: tuple[str, ...] = (
+    "law", "the military", "chemistry", "computer science", "biology", "physics", "music", "mathematics",
+)
+DOMAIN_TEMPLATES: tuple[str, ...] = (
+    "{}", "a term from {}.", "a definition in the field of {}.", "a word used in {}.", "jargon of {}.",
+)
+
 _INSTALL = "apt-get install -y wordnet-base"
 _LICENSE = "WordNet 3.0 license (Princeton; permissive BSD-style), /usr/share/doc/wordnet-base/copyright"
 _SOURCE = "Debian package wordnet-base (WordNet 3.0), /usr/share/wordnet/data.*"
@@ -104,38 +136,47 @@ def synsets(root: str = str(WORDNET_DIR)) -> dict[str, tuple[Synset, ...]]:
     return out
 
 
-def _info(name: str, description: str) -> TaskInfo:
-    return TaskInfo(name=name, source=_SOURCE, license=_LICENSE, description=description, install=_INSTALL)
+def _info(
+    name: str, description: str, short: str, class_names: tuple[str, ...], templates: tuple[str, ...]
+) -> TaskInfo:
+    return TaskInfo(name=name, source=_SOURCE, license=_LICENSE, description=description, install=_INSTALL,
+                    short_name=short, class_names=class_names, templates=templates)
 
 
-def _supersense_task(name: str, pos: str, labels: tuple[str, ...], seed: int) -> TaskData:
+def _supersense_task(
+    name: str, short: str, pos: str, labels: tuple[str, ...], templates: tuple[str, ...], seed: int, protocol: str
+) -> TaskData:
     groups: dict[str, list[str]] = {label: [] for label in labels}
     for s in synsets()[pos]:
         lex = LEXNAMES[s.lex_filenum]
         if lex in groups:
             groups[lex].append(s.definition)
     desc = f"{pos} gloss -> lexicographer file: " + ", ".join(labels)
-    return build_task(name, groups, seed, info=_info(name, desc), min_chars=MIN_CHARS)
+    info = _info(name, desc, short, tuple(SUPERSENSE_NAMES[label] for label in labels), templates)
+    return build_task(name, groups, seed, info=info, min_chars=MIN_CHARS, protocol=protocol)
 
 
-def wordnet_noun_supersense(seed: int = 0) -> TaskData:
+def wordnet_noun_supersense(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Noun gloss -> noun supersense, 10 classes (:data:`NOUN_SUPERSENSES`)."""
-    return _supersense_task("wordnet_noun_supersense", "noun", NOUN_SUPERSENSES, seed)
+    return _supersense_task("wordnet_noun_supersense", "WN-Noun", "noun", NOUN_SUPERSENSES, NOUN_TEMPLATES, seed,
+                            protocol)
 
 
-def wordnet_verb_supersense(seed: int = 0) -> TaskData:
+def wordnet_verb_supersense(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Verb gloss -> verb supersense, 8 classes (:data:`VERB_SUPERSENSES`)."""
-    return _supersense_task("wordnet_verb_supersense", "verb", VERB_SUPERSENSES, seed)
+    return _supersense_task("wordnet_verb_supersense", "WN-Verb", "verb", VERB_SUPERSENSES, VERB_TEMPLATES, seed,
+                            protocol)
 
 
-def wordnet_pos(seed: int = 0) -> TaskData:
+def wordnet_pos(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Gloss -> part of speech of the defined word, 4 classes (:data:`POS_LABELS`)."""
     groups: dict[str, list[str]] = {label: [] for label in POS_LABELS}
     for pos_synsets in synsets().values():
         for s in pos_synsets:
             groups[_POS_OF_TYPE[s.ss_type]].append(s.definition)
     desc = "gloss -> part of speech: " + ", ".join(POS_LABELS)
-    return build_task("wordnet_pos", groups, seed, info=_info("wordnet_pos", desc), min_chars=MIN_CHARS)
+    info = _info("wordnet_pos", desc, "WN-POS", POS_NAMES, POS_TEMPLATES)
+    return build_task("wordnet_pos", groups, seed, info=info, min_chars=MIN_CHARS, protocol=protocol)
 
 
 # Glosses of domain members often start with the domain itself, "(music) a short lively tune ...":
@@ -146,7 +187,7 @@ _DOMAIN_TAG = re.compile(r"^\([^)]*\)\s*")
 DOMAIN_CAPS: dict[str, int] = {"train": 75, "val": 20, "test": 40}
 
 
-def wordnet_domain(seed: int = 0) -> TaskData:
+def wordnet_domain(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Gloss of a synset with a topic-domain (``;c``) pointer -> its domain, 8 classes (:data:`DOMAINS`)."""
     all_synsets = synsets()
     first_word = {(s.offset, s.ss_type[0] if s.ss_type != "s" else "a"): s.words[0].lower()
@@ -160,7 +201,8 @@ def wordnet_domain(seed: int = 0) -> TaskData:
                     if domain in DOMAINS:
                         groups[domain].append(_DOMAIN_TAG.sub("", s.definition))
     desc = "gloss -> topic domain: " + ", ".join(DOMAINS)
+    info = _info("wordnet_domain", desc, "WN-Dom", DOMAIN_NAMES, DOMAIN_TEMPLATES)
     return build_task(
-        "wordnet_domain", {d: groups[d] for d in DOMAINS}, seed, info=_info("wordnet_domain", desc),
-        caps=DOMAIN_CAPS, min_chars=MIN_CHARS,
+        "wordnet_domain", {d: groups[d] for d in DOMAINS}, seed, info=info, caps=DOMAIN_CAPS, min_chars=MIN_CHARS,
+        protocol=protocol,
     )
