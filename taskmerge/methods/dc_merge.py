@@ -17,8 +17,8 @@ Per weight matrix, with the ``T`` task updates ``Δ_i`` (m×n):
 5. entry-wise merge of the ``M_i``: TIES (:func:`taskmerge.methods.ties.ties_merge`, trimming each
    ``M_i`` separately) or TA (sum);
 6. block-diagonal mask (T blocks of r×r by default, block size ``b`` configurable) and back-projection
-   ``Δ̃ = Ũ (M̃ ⊙ 𝓜) Ṽᵀ`` (Eq. 11). The engine applies ``θ₀ + λ·Δ̃``; non-matrix tensors are averaged
-   (``matrix_only``).
+   ``Δ̃ = Ũ (M̃ ⊙ 𝓜) Ṽᵀ`` (Eq. 11). The engine applies ``θ₀ + λ·Δ̃``; the other tensors get the mean of
+   their task updates (which tensors: option ``tensor_rule`` below).
 
 Settings (``setting``): ``"full"`` (full fine-tuning: ``r = ⌊min(m,n)/T⌋``, no explicit smoothing, the
 truncation acting as "implicit smoothing", App. E.4) and ``"lora"`` (``r = lora_rank``, smoothing
@@ -35,10 +35,23 @@ Ablations of the paper:
 
 Ambiguities (the spec's proposed reading is the default, the alternative an option):
 
-* **TIES keep fraction.** Default ``keep = 0.1`` (the top 10 % of each ``M_i``'s k² entries, the spec's
-  reading of "the top-k parameter (i.e. the percentage of elements retained) is fixed to 0.1"). The
-  authors' released code (``keep_topk_percent(Ms, 1e-3)``) keeps 0.1 % instead: ``keep = 0.001``
-  reproduces it.
+* **TIES keep fraction** (resolved readings, DC-Merge §1). Default ``keep = 0.001``: the top 0.1 % of each
+  ``M_i``'s k² entries, as the authors' released code (``keep_topk_percent(Ms, 1e-3)``) and the paper's
+  "the percentage of elements retained … 0.1", a percentage as TIES's k. ``keep = 0.1`` (10 %, the spec's
+  earlier reading) is the benchmark variant. Two counting details differ from the released code, both
+  negligible at real sizes: we keep ``max(1, round(keep·N))`` entries (:func:`~taskmerge.methods.ties.ties_merge`),
+  the code ``max(1, ⌊keep·N⌋)`` plus ties at the threshold; and when ``T`` does not divide ``min(m, n)``
+  the code's ``M_i`` is ``min(m,n) × min(m,n)`` (a zero-padded stack), ours ``rT × rT``, so ``N`` differs.
+  The sign election of the code's ``ties_small`` (an entry whose sum is exactly 0 merges to 0) differs from
+  ours only where non-zero kept entries cancel exactly.
+* **Which tensors** (resolved readings, DC-Merge §2): option ``tensor_rule``. ``"library"`` (default): the
+  engine's matrices (:mod:`taskmerge.selection`: 2-D tensors not matched by ``matrix_exclude``, whose
+  default lists embedding tables and CLIP's ``text_projection``); everything else is averaged, as for
+  TSV-M and Iso-C. ``"official"``: the authors' rule, every 2-D tensor whose name does not contain
+  ``text_projection`` gets DC-Merge, embedding tables included (``matrix_exclude`` is ignored; ``exclude``
+  / ``include`` still decide what is merged at all); the rest is averaged. The method is therefore
+  registered without ``matrix_only`` and averages the tensors it does not treat itself (``ctx.matrix``
+  carries the engine's decision).
 * **TIES scope**: per matrix ``M_i`` (per layer), not global over the model.
 * **Mask block size ≠ r**: consecutive b×b blocks along the diagonal, the last one smaller if ``b`` does
   not divide ``k``.
@@ -95,6 +108,7 @@ __all__ = [
     "block_diagonal_mask",
     "cover_space_merge",
     "resolve_rank",
+    "takes_dc_merge",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,53 +117,70 @@ Smoothing = Literal["none", "average", "linear", "interpolated"]
 
 
 class DCMergeOptions(MethodOptions):
-    """Options of ``dc_merge``.
+    """Options of ``dc_merge`` (each described on its field; the readings behind them in the module doc)."""
 
-    Attributes:
-        setting: ``"full"`` (full fine-tuning: ``r = ⌊min(m,n)/T⌋``, smoothing ``none``) or ``"lora"``
-            (``r = lora_rank``, smoothing ``average``); only the defaults of ``rank`` and ``smoothing``
-            depend on it.
-        rank: per-task rank ``r``; ``None`` takes the setting's default.
-        lora_rank: the LoRA rank of the checkpoints, ``r`` in the LoRA setting (16 in the paper).
-        smoothing: energy smoothing ``none | average | linear | interpolated``; ``None`` takes the
-            setting's default (``none`` for full, ``average`` for lora; the paper reports the better of
-            ``average`` and ``linear``, ``linear`` winning on ViT-B/32).
-        rho: ratio cap ρ ≥ 1 of linear smoothing (5.0 in the paper); ρ = 1 is averaging.
-        tau: weight of the original spectrum in ``interpolated`` smoothing (Eq. 41), in [0, 1].
-        inner: merge rule inside the cover space, ``ties`` (the paper's) or ``ta`` (sum).
-        keep: TIES keep fraction per ``M_i`` (0.1; the official code uses 0.001, see the module doc).
-        cover_space: project into the cover space (CSM); ``false`` merges the smoothed truncated updates
-            in parameter space (the "ES alone" ablation, no mask).
-        mask: apply the block-diagonal structural mask (``false``: the "w/o mask" ablation).
-        block_size: mask block size ``b`` in entries (default ``r``).
-        block_ratio: mask block size as a multiple of ``r`` (Fig. 5: 8, 4, 2, 1, 1/2, 1/4, 1/8);
-            exclusive with ``block_size``.
-        overflow: what to do when ``r·T > min(m, n)``: ``clamp`` r to ``⌊min(m,n)/T⌋`` or ``error``.
-        drop_zero_tasks: drop all-zero task updates of a layer before merging it.
-        null_rtol: singular values ``≤ null_rtol·σ₁`` of a task are treated as zero
-            (``None``: ``max(m, n)·eps`` of the compute dtype).
-        polar_rtol: singular values of the stacked bases ``≤ polar_rtol·s_max`` are dropped from the polar
-            factor (``None``: ``max(rows, k)·eps``).
-        lowrank: take the per-task SVDs from the LoRA factors when the engine provides them.
-    """
-
-    setting: Literal["full", "lora"] = "full"
-    rank: int | None = Field(default=None, ge=1)
-    lora_rank: int = Field(default=16, ge=1)
-    smoothing: Smoothing | None = None
-    rho: float = Field(default=5.0, ge=1.0)
-    tau: float = Field(default=0.5, ge=0.0, le=1.0)
-    inner: Literal["ties", "ta"] = "ties"
-    keep: float = Field(default=0.1, gt=0.0, le=1.0)
-    cover_space: bool = True
-    mask: bool = True
-    block_size: int | None = Field(default=None, ge=1)
-    block_ratio: float | None = Field(default=None, gt=0.0)
-    overflow: Literal["clamp", "error"] = "clamp"
-    drop_zero_tasks: bool = True
-    null_rtol: float | None = Field(default=None, ge=0.0)
-    polar_rtol: float | None = Field(default=None, ge=0.0)
-    lowrank: bool = True
+    setting: Literal["full", "lora"] = Field(
+        "full",
+        description=(
+            "'full' (full fine-tuning: r = ⌊min(m,n)/T⌋, smoothing none) or 'lora' (r = lora_rank, smoothing "
+            "average); only the defaults of rank and smoothing depend on it"
+        ),
+    )
+    rank: int | None = Field(None, ge=1, description="per-task rank r; None takes the setting's default")
+    lora_rank: int = Field(16, ge=1, description="LoRA rank of the checkpoints, r in the 'lora' setting (paper: 16)")
+    smoothing: Smoothing | None = Field(
+        None,
+        description=(
+            "energy smoothing none | average (Eq. 38) | linear (Eqs. 39-40) | interpolated (Eq. 41); None takes "
+            "the setting's default (none for full, average for lora)"
+        ),
+    )
+    rho: float = Field(5.0, ge=1.0, description="ratio cap ρ ≥ 1 of linear smoothing (paper: 5); ρ = 1 is averaging")
+    tau: float = Field(
+        0.5, ge=0.0, le=1.0, description="weight of the original spectrum in interpolated smoothing (Eq. 41)"
+    )
+    inner: Literal["ties", "ta"] = Field("ties", description="merge inside the cover space: ties (paper) or ta (sum)")
+    keep: float = Field(
+        0.001,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "TIES keep fraction per projected M_i: 0.001 (0.1 %, the official keep_topk_percent(Ms, 1e-3) and the "
+            "paper's 'percentage … 0.1'); 0.1 (10 %) is the variant of the earlier reading"
+        ),
+    )
+    cover_space: bool = Field(
+        True, description="project into the cover space (CSM); false merges the smoothed updates directly (ES alone)"
+    )
+    mask: bool = Field(True, description="apply the block-diagonal structural mask (false: the 'w/o mask' ablation)")
+    block_size: int | None = Field(None, ge=1, description="mask block size b in entries (default r)")
+    block_ratio: float | None = Field(
+        None, gt=0.0, description="mask block size as a multiple of r (Fig. 5: 8 … 1/8); exclusive with block_size"
+    )
+    overflow: Literal["clamp", "error"] = Field(
+        "clamp", description="when r·T > min(m, n): clamp r to ⌊min(m,n)/T⌋, or raise an error"
+    )
+    drop_zero_tasks: bool = Field(True, description="drop all-zero task updates of a layer before merging it")
+    null_rtol: float | None = Field(
+        None,
+        ge=0.0,
+        description="singular values ≤ null_rtol·σ₁ of a task count as zero (None: max(m, n)·eps of the dtype)",
+    )
+    polar_rtol: float | None = Field(
+        None,
+        ge=0.0,
+        description="singular values ≤ polar_rtol·s_max of the stacked bases are dropped from the polar factor "
+        "(None: max(rows, k)·eps)",
+    )
+    lowrank: bool = Field(True, description="take the per-task SVDs from LoRA factors when the engine provides them")
+    tensor_rule: Literal["library", "official"] = Field(
+        "library",
+        description=(
+            "which tensors get DC-Merge: 'library' the engine's 2-D matrices (embedding tables and "
+            "text_projection averaged, option matrix_exclude); 'official' every 2-D tensor whose name does not "
+            "contain text_projection, embedding tables included (the authors' code)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _exclusive_block(self) -> DCMergeOptions:
@@ -288,7 +319,7 @@ def cover_space_merge(
     V: torch.Tensor,
     *,
     inner: str = "ties",
-    keep: float = 0.1,
+    keep: float = 0.001,
     mask: bool = True,
     block: int | None = None,
     polar_rtol: float | None = None,
@@ -367,6 +398,19 @@ def _padded_svd(part: LowRank, r: int) -> SVD:
     )
 
 
+def takes_dc_merge(options: DCMergeOptions, deltas: torch.Tensor, ctx: LayerContext | None) -> bool:
+    """Whether a tensor gets DC-Merge under ``options.tensor_rule`` (else the mean of its task updates).
+
+    ``library``: the engine's matrix decision ``ctx.matrix``; ``official``: any 2-D tensor (``deltas`` of shape
+    (T, m, n)) whose name does not contain ``text_projection``. A direct call without ``ctx`` always merges.
+    """
+    if ctx is None:
+        return True
+    if options.tensor_rule == "official":
+        return deltas.ndim == 3 and "text_projection" not in ctx.name
+    return ctx.matrix
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -382,7 +426,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
         "Per-task truncated SVD, energy smoothing, TIES/TA merge inside the polar cover basis of the "
         "stacked singular vectors, block-diagonal mask; full fine-tuning and LoRA settings."
     ),
-    matrix_only=True,
+    matrix_only=False,  # the method averages what tensor_rule leaves out (takes_dc_merge)
     default_lambda=1.0,
 )
 def dc_merge(
@@ -390,8 +434,14 @@ def dc_merge(
     options: DCMergeOptions | dict | None = None,
     ctx: LayerContext | None = None,
 ) -> torch.Tensor:
-    """DC-Merge of one weight matrix: ``deltas`` (T, m, n) → merged update (m, n) before λ."""
+    """DC-Merge of one weight matrix: ``deltas`` (T, m, n) → merged update (m, n) before λ.
+
+    Through the engine every merged tensor arrives here; one that ``tensor_rule`` does not give DC-Merge
+    (:func:`takes_dc_merge`) gets the mean of its task updates.
+    """
     opts = _options(options)
+    if not takes_dc_merge(opts, deltas, ctx):
+        return deltas.mean(dim=0)
     name = ctx.name if ctx is not None else "<tensor>"
     if deltas.ndim != 3:
         raise OptionError(

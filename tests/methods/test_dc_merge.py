@@ -1,5 +1,6 @@
-"""DC-Merge against independent computations: a numpy transcription of Algorithm 1, closed forms of
-structured inputs, the paper's invariances, and degenerate inputs."""
+"""DC-Merge against independent computations: a numpy transcription of Algorithm 1, a port of the authors'
+released code (default keep = 0.001, where the trim removes entries; the 'official' tensor rule), closed
+forms of structured inputs, the paper's invariances, and degenerate inputs."""
 
 from __future__ import annotations
 
@@ -99,6 +100,46 @@ def _np_dc_merge(deltas, r, mode="none", inner="ta", mask=True, block=None, rho=
     return ut @ merged @ vt.T
 
 
+def _official_dc_merge(deltas: torch.Tensor, percent: float = 1e-3) -> torch.Tensor:
+    """Port of the authors' full fine-tuning DC-Merge for one 2-D tensor (github.com/Tobeginwith/DC-Merge,
+    vision_fft_merge/src/utils/DC_utils.py: ``dc_merge``, ``keep_topk_percent``, ``ties_small``), statement by
+    statement, in the dtype of ``deltas``: truncation without smoothing, zero-padded stacks of singular vectors,
+    cover bases ``u @ vh`` of their SVDs, top-``percent`` trim of each M_i, sign-elected mean, block mask."""
+    num_tasks = deltas.shape[0]
+    sv_reduction = 1 / num_tasks
+    trunc_vecs = []
+    for i, vec in enumerate(deltas):
+        u, s, v = torch.linalg.svd(vec, full_matrices=False)
+        if i == 0:
+            sum_u = torch.zeros_like(u)
+            sum_v = torch.zeros_like(v)
+        low_rank_per_task = int(s.shape[0] * sv_reduction)
+        sum_u[:, i * low_rank_per_task : (i + 1) * low_rank_per_task] = u[:, :low_rank_per_task]
+        sum_v[i * low_rank_per_task : (i + 1) * low_rank_per_task, :] = v[:low_rank_per_task, :]
+        trunc_vecs.append(u[:, :low_rank_per_task] @ torch.diag(s[:low_rank_per_task]) @ v[:low_rank_per_task, :])
+    u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
+    u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
+    cover_space_u = u_u @ v_u
+    cover_space_vt = u_v @ v_v
+    ms = [torch.linalg.multi_dot((cover_space_u.T, t, cover_space_vt.T)) for t in trunc_vecs]
+    filtered = []
+    for t in ms:  # keep_topk_percent
+        flat_abs = t.abs().view(-1)
+        k = max(1, int(percent * flat_abs.numel()))
+        threshold = torch.topk(flat_abs, k).values.min()
+        filtered.append(t * (t.abs() >= threshold))
+    stacked = torch.stack(filtered)  # ties_small
+    summed = stacked.sum(dim=0)
+    agree = torch.sign(stacked) == torch.sign(summed).unsqueeze(0)
+    agg = (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    agg = torch.where(summed == 0, torch.zeros_like(agg), agg)
+    mask = torch.zeros_like(agg)
+    d_per_task = mask.shape[0] // num_tasks
+    for i in range(num_tasks):
+        mask[i * d_per_task : (i + 1) * d_per_task, i * d_per_task : (i + 1) * d_per_task] = 1
+    return torch.linalg.multi_dot((cover_space_u, agg * mask, cover_space_vt))
+
+
 # ------------------------------------------------------------------------------------------------
 # Against the reference
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +168,26 @@ def test_ties_without_trimming_matches_reference(T: int, seed: int, mask: bool) 
     got = dc_merge(deltas, {"inner": "ties", "keep": 1.0, "mask": mask}, CTX)
     want = _np_dc_merge(deltas.numpy(), 9 // T, "none", "ties", mask=mask)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "T, m, n, keep",
+    [
+        (4, 80, 64, 0.001),  # k = 64, N = 4096: 4 of 4096 entries of each M_i kept
+        (3, 96, 120, 0.001),  # wide; k = 96, N = 9216: 9 kept
+        (4, 60, 72, 0.1),  # the 10 % variant: 360 of 3600 kept
+    ],
+)
+def test_default_path_matches_a_port_of_the_official_code(T: int, m: int, n: int, keep: float) -> None:
+    # T divides min(m, n) and keep·N has a fractional part below 1/2, where the code's count ⌊keep·N⌋ and
+    # ours round(keep·N) agree (module docstring); the trim removes almost every entry.
+    deltas = _rand(T, m, n, seed=m + n)
+    opts = {} if keep == 0.001 else {"keep": keep}
+    got = dc_merge(deltas, opts, CTX)
+    want = _official_dc_merge(deltas, keep)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-9 * float(want.abs().max()))
+    untrimmed = dc_merge(deltas, {"keep": 1.0}, CTX)
+    assert float((untrimmed - got).norm()) > 0.1 * float(untrimmed.norm())  # the trim did change the merge
 
 
 def test_lora_setting_defaults_match_reference() -> None:
@@ -192,16 +253,27 @@ def _orthogonal_tasks(T: int, r: int, m: int, n: int, seed: int):
 @pytest.mark.parametrize("inner", ["ta", "ties"])
 def test_tasks_in_orthogonal_subspaces_merge_to_their_sum(inner: str) -> None:
     # Each M_i is diag(σ_i) in its own block and zero elsewhere, so TA and TIES (one non-zero task per
-    # entry, all kept since keep·k² ≥ r) both return Σ Δ_i; averaging replaces σ_i by its mean.
+    # entry, all kept since round(keep·k²) = round(0.05·144) = 7 ≥ r) both return Σ Δ_i; averaging replaces
+    # σ_i by its mean.
     T, r = 4, 3
     deltas, q_u, q_v, sig = _orthogonal_tasks(T, r, 20, 16, seed=11)
-    got = dc_merge(deltas, {"inner": inner, "rank": r}, CTX)
+    got = dc_merge(deltas, {"inner": inner, "rank": r, "keep": 0.05}, CTX)
     np.testing.assert_allclose(got.numpy(), deltas.sum(0).numpy(), atol=1e-9)
-    avg = dc_merge(deltas, {"inner": inner, "rank": r, "smoothing": "average"}, CTX)
+    avg = dc_merge(deltas, {"inner": inner, "rank": r, "keep": 0.05, "smoothing": "average"}, CTX)
     want = sum(
         sig[i].mean() * q_u[:, i * r : (i + 1) * r] @ q_v[:, i * r : (i + 1) * r].T for i in range(T)
     )
     np.testing.assert_allclose(avg.numpy(), want.numpy(), atol=1e-9)
+
+
+def test_default_keep_trims_orthogonal_tasks_to_their_top_direction() -> None:
+    # keep = 0.001 of k² = 144 entries keeps max(1, round(0.144)) = 1 entry of each M_i = diag(σ_i): its largest,
+    # σ_i1, so TIES returns Σ_i σ_i1 u_i1 v_i1ᵀ (the top singular triplet of every task, nothing else).
+    T, r = 4, 3
+    deltas, q_u, q_v, sig = _orthogonal_tasks(T, r, 20, 16, seed=11)
+    got = dc_merge(deltas, {"rank": r}, CTX)
+    want = sum(sig[i, 0] * torch.outer(q_u[:, i * r], q_v[:, i * r]) for i in range(T))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-9)
 
 
 def test_single_task_returns_its_update() -> None:
@@ -443,11 +515,16 @@ def test_bad_inputs_raise_option_error() -> None:
 
 def test_registered_with_options() -> None:
     spec = get_method("dc_merge")
-    assert spec.matrix_only and spec.data_free and spec.options is DCMergeOptions
+    # not matrix_only: the method itself averages what its tensor rule leaves out
+    assert not spec.matrix_only and spec.data_free and spec.options is DCMergeOptions
     opts = spec.parse({"setting": "lora"})
-    assert opts.resolved_smoothing == "average" and opts.lora_rank == 16 and opts.keep == 0.1
-    assert spec.parse({}).resolved_smoothing == "none"
-    bads = ({"smoothing": "cubic"}, {"rho": 0.5}, {"keep": 0.0}, {"bogus": 1}, {"block_size": 2, "block_ratio": 1.0})
+    assert opts.resolved_smoothing == "average" and opts.lora_rank == 16 and opts.keep == 0.001
+    assert spec.parse({}).resolved_smoothing == "none" and spec.parse({}).tensor_rule == "library"
+    for name, field in DCMergeOptions.model_fields.items():
+        assert field.description, f"option {name} has no description"
+    bads = ({"smoothing": "cubic"}, {"rho": 0.5}, {"keep": 0.0}, {"keep": 1.5}, {"tau": 1.5}, {"rank": 0},
+            {"lora_rank": 0}, {"block_ratio": 0.0}, {"null_rtol": -1.0}, {"tensor_rule": "paper"}, {"bogus": 1},
+            {"block_size": 2, "block_ratio": 1.0})
     for bad in bads:
         with pytest.raises(OptionError):
             spec.parse(bad)
@@ -467,9 +544,39 @@ def test_through_the_merge_engine() -> None:
     deltas = torch.stack([t["w"] - base["w"] for t in tasks])
     want = dc_merge(deltas, DCMergeOptions(setting="lora", lora_rank=2), CTX)
     np.testing.assert_allclose(tau["w"].numpy(), want.numpy(), atol=1e-6)
-    # Non-matrix tensors are averaged by the engine (matrix_only).
+    # Non-matrix tensors are averaged (by the method: tensor_rule).
     mean_b = torch.stack([t["b"] - base["b"] for t in tasks]).mean(0)
     np.testing.assert_allclose(tau["b"].numpy(), mean_b.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["library", "official"])
+def test_tensor_rule_on_a_state_dict_with_an_embedding_table(rule: str) -> None:
+    """'library': embedding tables and text_projection averaged (the policy's matrix_exclude); 'official':
+    every 2-D tensor but text_projection gets the official algorithm (port above), embeddings included.
+    Biases are averaged and the task head is kept at the base (absent) under both."""
+    from taskmerge.merge import merged_task_vector
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {
+        "embeddings.word_embeddings.weight": (30, 8),
+        "encoder.layer.0.attention.self.query.weight": (8, 8),
+        "encoder.layer.0.attention.self.query.bias": (8,),
+        "text_projection.weight": (8, 6),
+        "classifier.weight": (3, 8),
+    }
+    base = {k: torch.randn(v, generator=g, dtype=torch.float64) for k, v in shapes.items()}
+    tasks = [{k: v + torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()} for _ in range(2)]
+    tau = merged_task_vector(base, tasks, "dc_merge", {"tensor_rule": rule}, compute_dtype="float64")
+    stack = {k: torch.stack([t[k] - base[k] for t in tasks]) for k in shapes}
+    assert "classifier.weight" not in tau
+    dc_merged = {"encoder.layer.0.attention.self.query.weight"}
+    if rule == "official":
+        dc_merged.add("embeddings.word_embeddings.weight")
+    for name in shapes.keys() - {"classifier.weight"}:
+        want = _official_dc_merge(stack[name]) if name in dc_merged else stack[name].mean(0)
+        np.testing.assert_allclose(tau[name].numpy(), want.numpy(), atol=1e-9, err_msg=name)
+    embedding = stack["embeddings.word_embeddings.weight"]
+    assert not torch.allclose(_official_dc_merge(embedding), embedding.mean(0), atol=1e-3)  # the rules differ
 
 
 # ------------------------------------------------------------------------------------------------
