@@ -19,6 +19,10 @@ Construction (the two branches of MDA App. B.1, with the corrections of the MDA 
   the "projection" is a pure rescaling. For ``d = C − 1`` the rows are an exact simplex ETF; for
   ``d < C − 1`` no simplex ETF with C vertices exists and the rows are neither unit-norm nor equiangular.
 
+Which ``C`` a caller passes decides the branch: MDA-TA's default ``etf_size="table"`` takes
+``C = max(Σ_t C_t, d + 1)``, always the SVD branch (a scalar), and ``etf_size="literal"`` takes ``C = Σ_t C_t``
+(:func:`taskmerge.methods.mda.frame_classes`).
+
 The frame is deterministic: the Gaussian comes from a CPU :class:`torch.Generator` seeded with
 ``seed`` (default 0), generated in float64. Projectors are cached per ``(d, C, seed)`` so every layer with
 the same dimension shares one frame (MDA spec flag A5).
