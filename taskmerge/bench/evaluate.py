@@ -1,11 +1,12 @@
-"""Evaluation: mean-pooled encoder features, a task's linear head, accuracy.
+"""Evaluation: mean-pooled encoder features, a task's linear head, accuracy and per-example correctness.
 
 An encoder is evaluated as a *state dict* (``name -> tensor``) loaded into one reusable copy of the backbone
 model, so a merged model ``θ₀ + λτ`` never needs a checkpoint on disk. Texts are tokenised once per split
 and batched by length (dynamic padding), which keeps a λ sweep cheap.
 
 Features are the attention-mask-weighted mean of the last hidden states, L2-normalised when the head says
-so (the default: the heads are trained on normalised features, like CLIP's zero-shot heads).
+so (the default: the heads score normalised features, like CLIP's zero-shot heads). :meth:`Evaluator.correct`
+returns which examples a head gets right, from which the runner's bootstrap intervals resample.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +33,8 @@ DEFAULT_EVAL_BATCH = 64
 class Head:
     """A task's linear classifier on pooled encoder features: ``logits = W f + b``.
 
-    Heads are trained once on the frozen pretrained encoder (linear probe), stored next to every
-    checkpoint of the task, and never merged.
+    Heads are built once from the frozen pretrained encoder (zero-shot prompts or a linear probe, see
+    :mod:`taskmerge.bench.finetune`), stored next to every checkpoint of the task, and never merged.
     """
 
     weight: torch.Tensor  # (num_classes, hidden)
@@ -124,12 +126,18 @@ def encode(
     return out if out is not None else torch.empty(0, int(model.config.hidden_size))
 
 
+def correct_of_logits(logits: torch.Tensor, labels: Sequence[int]) -> np.ndarray:
+    """Per row, whether its arg-max equals the label (a boolean array)."""
+    if len(labels) == 0:
+        return np.zeros(0, dtype=bool)
+    return (logits.argmax(-1) == torch.as_tensor(list(labels))).numpy()
+
+
 def accuracy_of_logits(logits: torch.Tensor, labels: Sequence[int]) -> float:
     """Fraction of rows whose arg-max equals the label."""
     if len(labels) == 0:
         return float("nan")
-    correct = int((logits.argmax(-1) == torch.as_tensor(list(labels))).sum())
-    return correct / len(labels)
+    return float(correct_of_logits(logits, labels).mean())
 
 
 def normalized_accuracy(merged: float, finetuned: float) -> float:
@@ -176,6 +184,20 @@ class Evaluator:
         """Pooled features of ``texts`` under the currently loaded state dict."""
         return encode(self.model, self.tokenizer, self._tokenized(texts), normalize=normalize)
 
+    def correct(
+        self,
+        head: Head,
+        examples: Sequence[tuple[str, int]],
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+    ) -> np.ndarray:
+        """Which of ``examples`` ``head`` classifies right (boolean array, example order); ``state_dict`` (if
+        given) is loaded first."""
+        if state_dict is not None:
+            self.load(state_dict)
+        texts = [t for t, _ in examples]
+        labels = [y for _, y in examples]
+        return correct_of_logits(head.logits(self.features(texts, head.normalize)), labels)
+
     def accuracy(
         self,
         head: Head,
@@ -183,11 +205,8 @@ class Evaluator:
         state_dict: Mapping[str, torch.Tensor] | None = None,
     ) -> float:
         """Accuracy of ``head`` on ``examples``; ``state_dict`` (if given) is loaded first."""
-        if state_dict is not None:
-            self.load(state_dict)
-        texts = [t for t, _ in examples]
-        labels = [y for _, y in examples]
-        return accuracy_of_logits(head.logits(self.features(texts, head.normalize)), labels)
+        correct = self.correct(head, examples, state_dict)
+        return float(correct.mean()) if correct.size else float("nan")
 
 
 def evaluate_accuracy(

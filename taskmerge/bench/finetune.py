@@ -1,8 +1,19 @@
-"""LP-FT fine-tuning of the backbone on one task, cached on disk.
+"""Fine-tuning of the backbone on one task through a frozen head, cached on disk.
 
-The recipe (LP-FT, as in the merging papers' CLIP setting where every task head is a frozen zero-shot head):
+The merging papers fine-tune CLIP through frozen *zero-shot* heads; the recipe reproduces that:
 
-1. **Linear probe.** Features of the frozen *pretrained* encoder (mean pooling, L2-normalised) are computed
+1. **The head** (:attr:`Recipe.head`), built once from the *pretrained* encoder and never trained or merged:
+
+   * ``"zeroshot"`` (protocol v2, the named recipes ``"full"`` / ``"lora"``): :func:`zero_shot_head`, CLIP's
+     recipe on the text encoder itself — every class name is put in each of the task's prompt templates
+     (:attr:`~taskmerge.bench.datasets.TaskData.class_names`, :attr:`~taskmerge.bench.datasets.TaskData.templates`),
+     each prompt embedded like an input (mean pooling, L2-normalised), the prompts of a class averaged and
+     renormalised; logits are :attr:`Recipe.logit_scale` (20) times the cosine between text and class
+     embedding, no bias (Radford et al. 2021, §3.1.4 and Fig. 3's pseudo-code; ``logit_scale`` plays CLIP's
+     learned temperature).
+   * ``"probe"`` (protocol v1, the first benchmark): a few-shot linear probe, below.
+
+   **Linear probe.** Features of the frozen *pretrained* encoder (mean pooling, L2-normalised) are computed
    for the first :attr:`Recipe.lp_shots` (default 16) training examples of each class and a multinomial
    logistic-regression head is fitted by full-batch L-BFGS; the L2 penalty is picked from
    :attr:`Recipe.lp_l2_grid` by validation accuracy. The few-shot probe plays the part of CLIP's zero-shot
@@ -24,6 +35,8 @@ A checkpoint folder holds ``model/`` (``save_pretrained``: ``config.json`` + ``m
 tokenizer files), ``head.safetensors``, ``recipe.json`` and, for LoRA, ``adapter/`` (PEFT format). It lives in
 ``$TASKMERGE_CACHE`` (default ``~/.cache/taskmerge``) under ``finetune/<task>/<kind>-<key>`` where ``key`` is a
 SHA-256 of the recipe, the data manifest and the backbone's weights hash, and is reused when present.
+Probe-headed recipes leave ``head`` and ``logit_scale`` out of the key (:meth:`Recipe.to_dict`), so the keys of
+the first benchmark's checkpoints (v1) are unchanged; the training seed is part of every key, ``0`` by default.
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
+HEADS: tuple[str, ...] = ("zeroshot", "probe")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -74,27 +89,41 @@ class Recipe:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "key", "value")
+    head: str = "probe"
+    logit_scale: float = 20.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("full", "lora"):
             raise ValueError(f"recipe kind must be 'full' or 'lora', got {self.kind!r}")
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and max_length >= 2")
+        if self.head not in HEADS:
+            raise ValueError(f"recipe head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "zeroshot" and not (self.normalize and self.logit_scale > 0):
+            raise ValueError("a zero-shot head scores cosines: it needs normalize=True and logit_scale > 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """All fields (tuples as lists); a probe-headed recipe omits ``head`` and ``logit_scale``, which keeps
+        its cache key equal to the key it had before zero-shot heads existed."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.head == "probe":
+            del out["head"], out["logit_scale"]
+        return out
 
     def head_dict(self) -> dict[str, Any]:
-        """The settings that determine the linear-probe head."""
+        """The settings that determine the head (the zero-shot head's prompts are added by :func:`head_key`)."""
+        if self.head == "zeroshot":
+            return {"head": "zeroshot", "max_length": self.max_length, "logit_scale": self.logit_scale}
         return {"max_length": self.max_length, "normalize": self.normalize, "lp_l2_grid": list(self.lp_l2_grid),
                 "lp_max_iter": self.lp_max_iter, "lp_shots": self.lp_shots, "seed": self.seed}
 
 
 RECIPES: dict[str, Recipe] = {
-    "full": Recipe(),
-    "lora": Recipe(kind="lora", lr=5e-4),
+    "full": Recipe(head="zeroshot"),
+    "lora": Recipe(kind="lora", lr=5e-4, head="zeroshot"),
 }
-"""Named recipes; ``recipe="full"`` / ``"lora"`` in :func:`finetune` and the runner mean these."""
+"""Named recipes; ``recipe="full"`` / ``"lora"`` in :func:`finetune` and the runner mean these (zero-shot heads;
+the runner's protocol v1 replaces the head by ``"probe"``, which gives the first benchmark's recipes exactly)."""
 
 
 def get_recipe(recipe: str | Recipe | Mapping[str, Any], **overrides: Any) -> Recipe:
@@ -142,9 +171,35 @@ def checkpoint_key(recipe: Recipe, task: TaskData, backbone: Backbone) -> str:
 
 
 def head_key(recipe: Recipe, task: TaskData, backbone: Backbone) -> str:
-    """SHA-256 of what determines the linear-probe head (so full and LoRA runs share one head)."""
-    return _sha({"format": CHECKPOINT_FORMAT, "head": recipe.head_dict(), "data": task.manifest_hash,
-                 "backbone": backbone.identity})
+    """SHA-256 of what determines the head (so full and LoRA runs share one head); a zero-shot head's key also
+    holds the task's class names and templates."""
+    content: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "head": recipe.head_dict(), "data": task.manifest_hash,
+                               "backbone": backbone.identity}
+    if recipe.head == "zeroshot":
+        content["prompts"] = {"class_names": task.class_names, "templates": list(task.templates)}
+    return _sha(content)
+
+
+# ------------------------------------------------------------------------------------------------ zero-shot head
+
+
+def zero_shot_head(
+    backbone: Backbone, task: TaskData, recipe: Recipe, evaluator: Evaluator | None = None
+) -> Head:
+    """CLIP-style zero-shot head from the pretrained encoder's own embeddings of class-name prompts.
+
+    For class ``c`` with name ``n_c`` and templates ``p_1..p_M``: ``e_cm = normalize(pool(enc(p_m(n_c))))``,
+    ``w_c = normalize(mean_m e_cm)`` (Radford et al. 2021, prompt ensembling: "averaging the text embeddings");
+    ``W = logit_scale · [w_1; ...; w_C]``, bias 0, so ``logits = logit_scale · cos(f, w_c)`` on normalised
+    features ``f``.
+    """
+    ev = evaluator or Evaluator(backbone.model, backbone.tokenizer, recipe.max_length)
+    ev.load(backbone.model.state_dict())
+    templates = task.templates
+    prompts = [template.format(name) for name in task.class_names for template in templates]
+    emb = ev.features(prompts, normalize=True).reshape(task.num_classes, len(templates), -1)
+    weight = recipe.logit_scale * F.normalize(emb.mean(1), dim=-1)
+    return Head(weight=weight, bias=torch.zeros(task.num_classes), labels=list(task.labels), normalize=True)
 
 
 # ----------------------------------------------------------------------------------------------- linear probe
@@ -211,13 +266,19 @@ def train_linear_probe(
     return head, {"lp_l2": l2, "lp_val_acc_by_l2": scores, "lp_train_acc": train_acc, "lp_val_acc": val_acc}
 
 
-def linear_probe(backbone: Backbone, task: TaskData, recipe: str | Recipe = "full", cache: Path | None = None) -> Head:
-    """The task's linear-probe head, loaded from the cache (``heads/<task>/<key>.safetensors``) or trained."""
+def task_head(backbone: Backbone, task: TaskData, recipe: str | Recipe = "full", cache: Path | None = None) -> Head:
+    """The task's frozen head of kind ``recipe.head`` (:func:`zero_shot_head` or the linear probe), loaded from
+    the cache (``heads/<task>/<key>.safetensors``) or built and stored there."""
     recipe = get_recipe(recipe)
     path = (cache or cache_dir()) / "heads" / task.name / f"{head_key(recipe, task, backbone)[:16]}.safetensors"
     if path.exists():
         return Head.load(path)
-    head, metrics = train_linear_probe(backbone, task, recipe)
+    if recipe.head == "zeroshot":
+        head = zero_shot_head(backbone, task, recipe)
+        metrics: dict[str, Any] = {"head": "zeroshot", "logit_scale": recipe.logit_scale,
+                                   "class_names": task.class_names, "templates": list(task.templates)}
+    else:
+        head, metrics = train_linear_probe(backbone, task, recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     head.save(tmp)
@@ -376,14 +437,15 @@ def finetune(
     progress: bool = True,
     force: bool = False,
 ) -> Checkpoint:
-    """LP-FT fine-tune ``backbone`` on ``task`` (see the module docstring), or reuse the cached checkpoint."""
+    """Fine-tune ``backbone`` on ``task`` through its frozen head (see the module docstring), or reuse the
+    cached checkpoint."""
     recipe = get_recipe(recipe)
     configure_threads()
     path = checkpoint_path(task, recipe, backbone, cache)
     if (path / "recipe.json").exists() and not force:
         logger.info("%s: reusing cached checkpoint %s", task.name, path)
         return Checkpoint.load(path)
-    head = linear_probe(backbone, task, recipe, cache=cache)
+    head = task_head(backbone, task, recipe, cache=cache)
     model = backbone.fresh_model()
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("pooler."))  # mean pooling: the pooler gets no gradient

@@ -85,3 +85,15 @@ def test_head_roundtrip(tmp_path) -> None:
     assert torch.equal(back.weight, head.weight) and torch.equal(back.bias, head.bias)
     assert back.labels == head.labels and back.normalize is False
     assert not math.isnan(float(back.logits(torch.randn(2, 8)).sum()))
+
+
+def test_correct_matches_per_example_reference(tiny) -> None:
+    task = load_task("toy_letters", 0)
+    g = torch.Generator().manual_seed(1)
+    head = Head(torch.randn(2, tiny.hidden_size, generator=g), torch.randn(2, generator=g), task.labels)
+    ev = Evaluator(tiny.model, tiny.tokenizer, batch_size=7)
+    got = ev.correct(head, task.val)
+    feats = reference_features(tiny.model, tiny.tokenizer, [t for t, _ in task.val])
+    expect = [int((f @ head.weight.T + head.bias).argmax()) == y for f, (_, y) in zip(feats, task.val)]
+    assert got.dtype == bool and got.tolist() == expect
+    assert ev.accuracy(head, task.val) == pytest.approx(sum(expect) / len(expect))

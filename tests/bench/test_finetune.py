@@ -163,3 +163,68 @@ def test_lora_checkpoint(tiny, cache) -> None:
     expect = base[key] + (8 / 4) * adapter[b_key] @ adapter[a_key]
     assert torch.allclose(sd[key], expect, atol=1e-6)
     assert isinstance(ck.head, Head)
+
+
+# v1 keys computed with the code before zero-shot heads and protocol v2 existed (commit 665f739), for the
+# toy_letters v1 splits and a backbone whose weights hash is "minilm-sha"
+V1_KEYS = {
+    "full": "fd98368b107573742c22b1ad638d7f40901b5943b7319680dc7e54b93ca38b02",
+    "lora": "49501f7d7206f94105c24b320504ca02edb45b68733fcb9c847765f927cdbeeb",
+    "full_seed1": "ef3f69f6742077d8ee583b77f2f97eb28d92e4bc6281b5b4fe4f6b26aea7481b",
+    "head": "5218be0ade95188348e32199826c58aaafadd03dd5891a10e696f0a9f82ba318",
+}
+
+
+def test_v1_cache_keys_unchanged() -> None:
+    from types import SimpleNamespace
+
+    bb = SimpleNamespace(identity="minilm-sha")
+    task = load_task("toy_letters", 0, "v1")
+    full, lora = ft.get_recipe("full", head="probe"), ft.get_recipe("lora", head="probe")
+    assert full == ft.Recipe()
+    assert ft.checkpoint_key(full, task, bb) == V1_KEYS["full"]
+    assert ft.checkpoint_key(lora, task, bb) == V1_KEYS["lora"]
+    assert ft.checkpoint_key(ft.get_recipe(full, seed=1), task, bb) == V1_KEYS["full_seed1"]
+    assert ft.head_key(full, task, bb) == ft.head_key(lora, task, bb) == V1_KEYS["head"]
+    # a v1 recipe.json (no "head" field) reads back as the probe recipe
+    assert ft.get_recipe(full.to_dict()) == full and "head" not in full.to_dict()
+    # the zero-shot recipes and the v2 data have keys of their own
+    assert ft.checkpoint_key(ft.get_recipe("full"), task, bb) != V1_KEYS["full"]
+    assert ft.checkpoint_key(full, load_task("toy_letters", 0), bb) != V1_KEYS["full"]
+
+
+def test_zero_shot_head_is_clip_prompt_ensemble(tiny, cache) -> None:
+    task = load_task("toy_length", 0)
+    recipe = ft.get_recipe("full", logit_scale=7.0)
+    head = ft.task_head(tiny, task, recipe)
+    # independent: each prompt embedded alone (mean pool, normalise), averaged per class, renormalised, scaled
+    rows = []
+    for name in task.class_names:
+        e = reference_features(tiny.model, tiny.tokenizer, [t.format(name) for t in task.templates])
+        m = e.mean(0)
+        rows.append(7.0 * m / m.norm())
+    assert torch.allclose(head.weight, torch.stack(rows), atol=1e-5)
+    assert torch.equal(head.bias, torch.zeros(3)) and head.normalize
+    # cached by a key that holds the prompts: other templates give another head file
+    assert ft.task_head(tiny, task, recipe).weight.equal(head.weight)
+    assert len(list((cache / "heads" / task.name).glob("*.safetensors"))) == 1
+    from dataclasses import replace
+
+    info = replace(task.info, templates=("{}",))
+    other = replace(task, info=info)
+    assert ft.head_key(recipe, other, tiny) != ft.head_key(recipe, task, tiny)
+    with pytest.raises(ValueError, match="normalize"):
+        ft.Recipe(head="zeroshot", normalize=False)
+
+
+def test_finetune_through_frozen_zero_shot_head(tiny, cache) -> None:
+    task = load_task("toy_length", 0)
+    recipe = ft.get_recipe("full", steps=40, lr=1e-3)
+    ck = ft.finetune(tiny, task, recipe, progress=False)
+    zs = ft.task_head(tiny, task, recipe)
+    assert torch.equal(ck.head.weight, zs.weight)  # the head did not move
+    tuned = load_into(tiny.model, ck.state_dict())
+    before = reference_accuracy(tiny.model, tiny.tokenizer, zs.weight, zs.bias, task.test)
+    after = reference_accuracy(tuned, tiny.tokenizer, zs.weight, zs.bias, task.test)
+    assert after > max(before + 0.2, 0.6), (before, after)
+    assert ft.Checkpoint.load(ck.path).recipe == recipe
