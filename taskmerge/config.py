@@ -33,11 +33,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskmerge.errors import OptionError
+from taskmerge.errors import OptionError, unknown_name
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES
 from taskmerge.selection import DEFAULT_EXCLUDE, DEFAULT_MATRIX_EXCLUDE, TensorPolicy
 
-__all__ = ["MergeConfig", "DataConfig", "load_config", "parse_size"]
+__all__ = ["MergeConfig", "DataConfig", "load_config", "parse_option", "parse_size"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -51,6 +51,21 @@ def parse_size(value: str | int) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise OptionError(f"option max_shard_size: cannot parse size {value!r} (e.g. 5GB, 500MiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """One ``-o KEY=VALUE``: the key and VALUE parsed as YAML with ``yaml.safe_load`` (plain data only, so a
+    tag such as ``!!python/object`` is refused); a malformed value is an :class:`OptionError` naming the key."""
+    if "=" not in text:
+        raise OptionError(f"option {text!r}: expected KEY=VALUE")
+    key, value = (part.strip() for part in text.split("=", 1))
+    if not key:
+        raise OptionError(f"option {text!r}: no name before '='")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise OptionError(f"option {key}: cannot parse {value!r} as a YAML value ({reason})") from None
 
 
 class DataConfig(BaseModel):
@@ -121,7 +136,7 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _lora_rank_given(self) -> MergeConfig:
         if self.output_format == "lora" and self.lora_rank is None:
-            raise ValueError("output_format lora needs lora_rank (e.g. --lora-rank 16)")
+            raise ValueError("option lora_rank: required with output_format lora (e.g. --lora-rank 16 or lora_rank: 16)")
         return self
 
     def policy(self) -> TensorPolicy:
@@ -138,14 +153,52 @@ class MergeConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
-            )
-            raise OptionError(f"{source}: {problems}") from None
+            raise OptionError(f"{source}: {'; '.join(_problem(cls, err) for err in exc.errors())}") from None
+
+
+def _problem(model: type[BaseModel], err: Any) -> str:
+    """One pydantic error in words: an unknown key with the closest known one, a whole-model check's
+    message without pydantic's ``Value error,`` prefix, else ``key: message``."""
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "extra_forbidden" and len(loc) in (1, 2):
+        fields = model.model_fields if len(loc) == 1 else DataConfig.model_fields
+        known = unknown_name("key", loc[-1], [f.alias or k for k, f in fields.items()])
+        return known if len(loc) == 1 else f"{loc[0]}: {known}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
+
+
+_PATH_KEYS = ("base", "base_model", "output")  # base_model: a MergeKit file's
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of a configuration file relative to its folder (in place): ``base``,
+    ``models`` (strings, or MergeKit's ``{model: ...}`` entries), ``output``, and ``data``'s file lists."""
+
+    def resolved(value: Any) -> Any:
+        return str(folder / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+
+    for key in _PATH_KEYS:
+        if key in data:
+            data[key] = resolved(data[key])
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**m, "model": resolved(m["model"])} if isinstance(m, dict) and "model" in m else resolved(m)
+            for m in data["models"]
+        ]
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("inputs", "heads", "labeled"):
+            if isinstance(section.get(key), list):
+                section[key] = [resolved(v) for v in section[key]]
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML configuration file into a mapping (validated later, after CLI overrides)."""
+    """Read a YAML configuration file into a mapping (validated later, after CLI overrides).
+
+    Relative paths in the file are relative to the file's folder, not to the working directory (paths
+    given as flags stay relative to the working directory).
+    """
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -155,4 +208,5 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise OptionError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise OptionError(f"{p}: a configuration must be a mapping of keys to values")
+    _resolve_paths(data, p.parent)
     return data

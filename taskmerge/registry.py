@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from taskmerge.errors import OptionError
+from taskmerge.errors import OptionError, unknown_name
 
 if TYPE_CHECKING:
     from taskmerge.linalg import LowRank
@@ -232,6 +232,8 @@ def parse_options(spec: MethodSpec, options: Mapping[str, Any] | MethodOptions |
         return spec.options(**dict(options or {}))
     except ValidationError as exc:
         problems = "; ".join(
-            f"option {'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
+            unknown_name("option", str(err["loc"][-1]), spec.options.model_fields) if err["type"] == "extra_forbidden"
+            else f"option {'.'.join(str(p) for p in err['loc']) or '?'}: {str(err['msg']).removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise OptionError(f"method {spec.name!r}: {problems}") from None

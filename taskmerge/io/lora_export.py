@@ -21,6 +21,10 @@ Only 2-D weight matrices of the matrix class are LoRA targets (as ``nn.Linear`` 
 (in, out) like GPT-2's ``Conv1D`` are not supported). Other tensors the merge changed — biases, norms,
 embedding tables, excluded matrices — cannot be expressed: by default that is an error naming the tensor;
 with ``drop_other`` they are dropped (kept at the base value) with a warning.
+
+Factors that are not finite once cast to the stored dtype (an overflow in float16) are an error naming
+the tensor. The merge that feeds the writer is driven by :func:`taskmerge.merge.merge_to_lora`; this
+module only writes (``io`` depends on nothing above it).
 """
 
 from __future__ import annotations
@@ -30,20 +34,21 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from taskmerge import linalg
-from taskmerge.errors import CheckpointError, OptionError
+from taskmerge.errors import CheckpointError, OptionError, OutputError, option_hint
 from taskmerge.io.peft import ADAPTER_CONFIG, PEFT_PREFIX
-from taskmerge.selection import TensorClass, TensorPolicy
+from taskmerge.io.writers import check_replaceable, os_error_reason, write_manifest
 
-__all__ = ["LoraExportReport", "LoraAdapterWriter", "lora_factors", "merge_to_lora"]
+__all__ = ["LoraExportReport", "LoraAdapterWriter", "lora_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +126,10 @@ class LoraAdapterWriter:
         self.output = Path(output)
         if self.output.suffix == ".safetensors":
             raise OptionError(f"{self.output}: a LoRA adapter is a folder, not a .safetensors file")
-        if self.output.exists() and not overwrite:
-            raise CheckpointError(f"{self.output}: output already exists (pass --overwrite to replace it)")
+        if self.output.exists():
+            if not overwrite:
+                raise OutputError(f"{self.output}: output already exists ({option_hint('overwrite')} replaces it)")
+            check_replaceable(self.output)
         self.rank = rank
         self.base_model_name_or_path = base_model_name_or_path
         self.dtype = dtype
@@ -145,7 +152,8 @@ class LoraAdapterWriter:
             if not self.drop_other:
                 raise OptionError(
                     f"{what} is changed by the merge but is not a LoRA-targetable weight matrix (a bias, norm, "
-                    "embedding or excluded matrix): write a dense model, or pass --lora-drop-other to drop such changes"
+                    f"embedding or excluded matrix): write a dense model, or pass {option_hint('lora_drop_other')} "
+                    "to drop such changes"
                 )
             logger.warning("%s is changed by the merge but cannot be stored in a LoRA adapter: dropped "
                            "(max |change| %.3g)", what, float(update.abs().max()))
@@ -153,8 +161,12 @@ class LoraAdapterWriter:
             return None
         b, a, err = lora_factors(update, self.rank)
         module = name[: -len(".weight")]
-        self._tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(self.dtype).contiguous()
-        self._tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(self.dtype).contiguous()
+        a, b = a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous()
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise OptionError(f"tensor {name!r}: its LoRA factors are not finite in {self.dtype} (the merged update "
+                              f"overflows; max |λ·τ| {float(update.abs().max()):.3g}): check λ and the output dtype")
+        self._tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+        self._tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
         self._modules.append(module)
         self.report.errors[name] = err
         logger.info("%s: rank-%d LoRA, relative truncation error %.3g", name, self.rank, err)
@@ -185,20 +197,28 @@ class LoraAdapterWriter:
         """Write the adapter under a temporary name and move it into place."""
         if not self._tensors:
             raise CheckpointError(f"{self.output}: nothing to write (the merge changed no LoRA-targetable matrix)")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        tmp: Path | None = None
         try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
             final = tmp / "out"
             final.mkdir()
             meta = {**self.metadata, "taskmerge_max_truncation_error": repr(self.report.max_error)}
             save_file(self._tensors, str(final / ADAPTER_FILE), metadata=meta)
             (final / ADAPTER_CONFIG).write_text(json.dumps(self.config(), indent=2, sort_keys=True))
+            write_manifest(final)
             if self.output.exists():
+                check_replaceable(self.output)
                 os.replace(self.output, tmp / "replaced")
             os.replace(final, self.output)
             self._committed = True
+        except OSError as exc:
+            raise OutputError(f"{exc.filename or self.output}: cannot write the output ({os_error_reason(exc)})") from None
+        except SafetensorError as exc:  # safetensors' own write errors (e.g. no space left)
+            raise OutputError(f"{self.output}: cannot write the output ({exc})") from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("wrote LoRA adapter %s (%d matrices, rank %d, max relative truncation error %.3g)",
                     self.output, len(self._modules), self.rank, self.report.max_error)
         return self.report
@@ -209,48 +229,3 @@ class LoraAdapterWriter:
     def __exit__(self, *exc: object) -> None:
         self._tensors.clear()
 
-
-def merge_to_lora(
-    base: str | Path,
-    models: Sequence[str | Path],
-    output: str | Path,
-    method: str,
-    options: Mapping[str, Any] | None = None,
-    *,
-    rank: int,
-    lam: float | None = None,
-    policy: TensorPolicy | None = None,
-    compute_dtype: str = "float32",
-    output_dtype: str | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
-    drop_other: bool = False,
-    progress: bool = True,
-) -> LoraExportReport:
-    """Merge checkpoints / PEFT adapters and write ``λ·τ`` as a rank-``rank`` LoRA adapter of ``base``.
-
-    Arguments as :func:`taskmerge.merge.merge_checkpoints`; ``output_dtype`` is the factors' dtype
-    (float32 by default).
-    """
-    from taskmerge.io.readers import open_checkpoint
-    from taskmerge.merge import MergeRequest, iter_merged
-
-    req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
-    lam = req.spec.default_lambda if lam is None else float(lam)
-    table = {None: torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if output_dtype not in table:
-        raise OptionError(f"option dtype: expected one of float32, float16, bfloat16, got {output_dtype!r}")
-    base_reader = open_checkpoint(base)
-    readers = [open_checkpoint(m, base=base_reader) for m in models]
-    writer = LoraAdapterWriter(
-        output, rank, base_model_name_or_path=str(base), overwrite=overwrite, dtype=table[output_dtype],
-        drop_other=drop_other, metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)},
-    )
-    with writer:
-        for name, theta0, tau in iter_merged(base_reader, readers, req, progress=progress):
-            if tau is None:
-                continue
-            cls = req.policy.classify(name, tuple(theta0.shape), theta0.dtype)
-            writer.add(name, lam * tau, target=cls is TensorClass.MATRIX)
-        return writer.commit()

@@ -16,7 +16,8 @@ runs through the unchanged engine, and additionally
   orientation (rank 0 for an untouched matrix), which the engine hands to methods as
   ``LayerContext.factors``.
 
-What is read, per adapter key (the ``base_model.model.`` prefix of PEFT's LoRA state dicts removed):
+What is read, per adapter key (the ``base_model.model.`` prefix of PEFT's LoRA state dicts removed; the config and weights files must lie in the
+adapter folder once symlinks are resolved, :func:`taskmerge.io.readers.confined_path`):
 
 * ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``: ``nn.Linear`` (``fan_in_fan_out`` transposes
   ΔW, as for GPT-2's ``Conv1D``) and ``nn.Conv*d`` (ΔW = B A over the flattened kernel, B being 1×1);
@@ -46,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from taskmerge.errors import CheckpointError
-from taskmerge.io.readers import TensorSource, _load_torch_state_dict
+from taskmerge.io.readers import TensorSource, _check_readable, _load_torch_state_dict, confined_path
 from taskmerge.linalg import LowRank
 
 __all__ = [
@@ -141,7 +142,7 @@ class PeftAdapterSource:
     # -- reading ------------------------------------------------------------------------------------
 
     def _read_config(self) -> dict[str, Any]:
-        path = self.folder / ADAPTER_CONFIG
+        path = confined_path(self.folder, ADAPTER_CONFIG, str(self.folder))
         try:
             config = json.loads(path.read_text())
         except OSError as exc:
@@ -160,12 +161,13 @@ class PeftAdapterSource:
     def _weights_file(self) -> Path:
         for name in ADAPTER_WEIGHTS:
             if (self.folder / name).is_file():
-                return self.folder / name
+                return confined_path(self.folder, name, str(self.folder))
         raise CheckpointError(f"{self.folder}: adapter folder holds no {' or '.join(ADAPTER_WEIGHTS)}")
 
     def _read_weights(self) -> dict[str, torch.Tensor]:
         path = self.weights_file
         if path.suffix == ".safetensors":
+            _check_readable(path)
             try:
                 return load_file(str(path))
             except (SafetensorError, OSError, ValueError) as exc:

@@ -8,13 +8,21 @@ loads one tensor at a time. :func:`open_checkpoint` opens any supported checkpoi
   mapped, or sharded with ``pytorch_model.bin.index.json``;
 * a Hugging Face model folder holding any of the above.
 
-Every failure is a :class:`~taskmerge.errors.CheckpointError` naming the file (and tensor).
+Every failure is a :class:`~taskmerge.errors.CheckpointError` naming the file (and tensor); a file that
+cannot be opened says why (``Permission denied`` is not reported as a missing file).
+
+The files a checkpoint folder names (an index's shards, the weights found in the folder, a PEFT adapter's
+files) are confined to the folder (:func:`confined_path`): an absolute shard name, one that climbs out
+with ``..``, or a symlink whose target lies outside is refused, so a crafted checkpoint cannot pull other
+weights files on the machine into a merge. The one exception is a Hugging Face hub cache snapshot
+(``models--org--name/snapshots/<revision>/``), whose files are links into the repository's ``blobs/``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -27,7 +35,7 @@ from taskmerge.errors import CheckpointError
 if TYPE_CHECKING:
     from taskmerge.io.peft import PeftAdapterSource
 
-__all__ = ["TensorSource", "DictSource", "CheckpointReader", "open_checkpoint", "SAFETENSORS_DTYPES"]
+__all__ = ["TensorSource", "DictSource", "CheckpointReader", "open_checkpoint", "confined_path", "SAFETENSORS_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,44 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    """The ``blobs/`` folder of the Hugging Face hub cache repository that ``root`` is a snapshot (or a
+    folder inside a snapshot) of, else ``None``."""
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+            return folder.parent.parent / "blobs"
+    return None
+
+
+def confined_path(folder: str | Path, name: str | Path, what: str) -> Path:
+    """``folder / name``, refused unless it lies inside ``folder`` once symlinks are resolved.
+
+    ``name`` is a file a checkpoint names (an index's shard, an adapter's weights file). An absolute
+    name, a ``..`` that climbs out of ``folder``, or a symlink whose target is outside it raises
+    :class:`CheckpointError` naming ``what`` (the index or folder that names the file). Links from a
+    Hugging Face hub cache snapshot into the repository's ``blobs/`` folder are allowed.
+    """
+    folder = Path(folder)
+    if Path(name).is_absolute():
+        raise CheckpointError(f"{what}: names the absolute path {str(name)!r}; a checkpoint's files must lie in "
+                              f"its folder {folder}")
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    blobs = _hub_blobs(root)
+    if not (target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs.resolve()))):
+        raise CheckpointError(f"{what}: {str(name)!r} resolves to {target}, outside the checkpoint's folder {root}; "
+                              "refused (a checkpoint's files must lie in its folder)")
+    return folder / name
+
+
+def _check_readable(path: Path) -> None:
+    """Open ``path`` for reading once, so that a failure reports the real reason (``Permission denied``)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
 
 
 class TensorSource(Protocol):
@@ -110,6 +156,7 @@ class CheckpointReader:
     def _open(self, path: Path) -> object:
         if path.suffix == ".safetensors":
             if path not in self._handles:
+                _check_readable(path)
                 try:
                     self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
                 except (SafetensorError, OSError, ValueError) as exc:
@@ -193,6 +240,8 @@ def _load_torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or unsafe pickles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot load as a PyTorch state dict ({first})") from None
@@ -204,12 +253,18 @@ def _load_torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
 
 
 def _read_index(index: Path) -> dict[str, Path]:
+    """An index's ``weight_map``: tensor name → shard file, every shard confined to the index's folder."""
     try:
         data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"{index}: cannot read shard index ({exc.strerror})") from None
+    except ValueError as exc:
         raise CheckpointError(f"{index}: not a valid shard index ({exc})") from None
-    return {name: index.parent / shard for name, shard in weight_map.items()}
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index (no weight_map of tensor names to shard files)")
+    shards = {shard: confined_path(index.parent, shard, str(index)) for shard in set(weight_map.values())}
+    return {name: shards[shard] for name, shard in weight_map.items()}
 
 
 def open_checkpoint(
@@ -222,8 +277,17 @@ def open_checkpoint(
     error.
     """
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder")
+    try:
+        return _open_checkpoint(p, base)
+    except OSError as exc:  # stat / listing a folder we may not read: say why, not "no such file"
+        raise CheckpointError(f"{exc.filename or p}: cannot open ({exc.strerror})") from None
+
+
+def _open_checkpoint(p: Path, base: TensorSource | str | Path | None) -> CheckpointReader | PeftAdapterSource:
+    try:
+        p.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such file or folder") from None
     from taskmerge.io.peft import is_adapter, open_adapter  # noqa: PLC0415 (peft imports this module)
 
     if is_adapter(p):
@@ -242,8 +306,8 @@ def open_checkpoint(
             return CheckpointReader(str(p), sorted(set(wm.values())), wm)
     for single in _SINGLE_FILES:
         if (p / single).is_file():
-            return CheckpointReader(str(p), [p / single])
-    shards = sorted(p.glob("*.safetensors"))
+            return CheckpointReader(str(p), [confined_path(p, single, str(p))])
+    shards = sorted(confined_path(p, f.name, str(p)) for f in p.glob("*.safetensors"))
     if shards:
         return CheckpointReader(str(p), shards)
     raise CheckpointError(f"{p}: folder holds no model weights (model.safetensors, an index, or pytorch_model.bin)")

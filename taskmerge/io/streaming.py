@@ -75,7 +75,10 @@ class PreadReader:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as exc:
+                        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
                     self._fds[path] = fd
         return fd
 

@@ -24,6 +24,16 @@ differ, and reports the tensors of completed shards in :attr:`CheckpointWriter.c
 engine does not recompute them. Since the layout is planned, the resumed output is byte-identical to
 an uninterrupted one.
 
+An output that cannot be written (permission denied, disk full: any ``OSError``) raises
+:class:`~taskmerge.errors.OutputError` naming the path and the reason, and the temporary output is
+removed, except when a resumable writer has completed shards: those are kept in ``<output>.partial``
+and the message says to rerun with ``--resume`` once the cause (e.g. a full disk) is fixed.
+
+``overwrite`` replaces only an output taskmerge wrote: every folder output carries a manifest,
+``.taskmerge-manifest.json``, listing its files; an existing folder holding anything else (a file of
+the user's, a model taskmerge did not write) is refused with a message naming those files, rather
+than deleted with the rest. An existing single ``.safetensors`` file is replaced.
+
 The safetensors files are written by this module (same format as ``safetensors.torch.save_file``:
 8-byte little-endian header length, compact JSON header padded with spaces to 8 bytes, tensors sorted
 by decreasing element size then name, contiguous): unlike ``save_file``, whose metadata order follows
@@ -33,30 +43,36 @@ a randomly seeded hash map, the bytes are a deterministic function of the tensor
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from taskmerge.errors import CheckpointError, TaskmergeError
+from taskmerge.errors import CheckpointError, OutputError, TaskmergeError, option_hint
 from taskmerge.io.readers import SAFETENSORS_DTYPES, WEIGHT_SUFFIXES
 
 __all__ = [
     "CheckpointWriter",
     "DEFAULT_SHARD_BYTES",
     "JOURNAL_NAME",
+    "MANIFEST_NAME",
+    "check_replaceable",
     "copy_non_weight_files",
+    "os_error_reason",
     "partial_path",
     "request_digest",
+    "write_manifest",
     "write_safetensors",
 ]
 
@@ -64,6 +80,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 JOURNAL_NAME = "journal.json"
+MANIFEST_NAME = ".taskmerge-manifest.json"
 _JOURNAL_VERSION = 1
 _SKIP_COPY_SUFFIXES = WEIGHT_SUFFIXES + (".h5", ".msgpack", ".ckpt", ".onnx")
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -86,6 +103,51 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(item, target)
         copied.append(item.name)
     return copied
+
+
+def os_error_reason(exc: OSError) -> str:
+    """The reason of a failed write, in words (``disk full`` for ENOSPC / EDQUOT)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full: " + (exc.strerror or "no space left on device")
+    return exc.strerror or str(exc)
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file under ``folder`` in its manifest (``MANIFEST_NAME``): what ``overwrite`` may replace."""
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir() and f.name != MANIFEST_NAME)
+    (folder / MANIFEST_NAME).write_text(json.dumps({"written_by": "taskmerge", "files": files}, indent=1) + "\n")
+
+
+def _manifest_files(folder: Path) -> set[str]:
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+        return {str(f) for f in data["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def check_replaceable(output: Path) -> None:
+    """Refuse to replace ``output`` unless taskmerge wrote it (see the module docstring).
+
+    A single ``.safetensors`` file may be replaced; a folder only if every file in it is listed in its
+    manifest (an empty folder too). Raises :class:`OutputError` naming the files taskmerge did not write.
+    """
+    if output.suffix == ".safetensors":
+        if output.is_dir():
+            raise OutputError(f"{output}: is a folder; a .safetensors output replaces a file only")
+        return
+    if not output.is_dir():
+        raise OutputError(f"{output}: is a file, not a model folder taskmerge wrote; not replaced")
+    listed = _manifest_files(output)
+    parents = {str(p) for f in listed for p in Path(f).parents}
+    foreign = sorted(str(f.relative_to(output)) for f in output.rglob("*")
+                     if f.name != MANIFEST_NAME and str(f.relative_to(output)) not in (parents if f.is_dir() else listed))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{output}: holds files taskmerge did not write ({shown}); overwrite replaces only a folder taskmerge "
+            "wrote: move them away or choose another output folder"
+        )
 
 
 def partial_path(output: str | Path) -> Path:
@@ -200,6 +262,21 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 # --------------------------------------------------------------------------------------- the writer
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _output_errors(method: _F) -> _F:
+    """A :class:`CheckpointWriter` method whose ``OSError`` becomes an :class:`OutputError`."""
+
+    @functools.wraps(method)
+    def wrapper(self: CheckpointWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            raise self._output_error(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
 
 class CheckpointWriter:
     """Writes tensors as an atomic, optionally sharded, safetensors checkpoint (see the module docstring).
@@ -214,6 +291,8 @@ class CheckpointWriter:
         request: a JSON-able description of what is being written (for a merge: method, options, λ,
             the inputs' identities); makes the writer resumable (journal in ``<output>.partial``).
         resume: continue the interrupted write of the same request found in ``<output>.partial``.
+        extra_files: more files of a folder output, name → text (e.g. a model card ``README.md``),
+            written after the base's copied files (replacing one of the same name).
     """
 
     def __init__(
@@ -226,11 +305,10 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
         request: Mapping[str, Any] | None = None,
         resume: bool = False,
+        extra_files: Mapping[str, str] | None = None,
     ) -> None:
         self.output = Path(output)
         self.single_file = self.output.suffix == ".safetensors"
-        if self.output.exists() and not overwrite:
-            raise CheckpointError(f"{self.output}: output already exists (pass --overwrite to replace it)")
         if max_shard_bytes <= 0:
             raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         if resume and request is None:
@@ -241,16 +319,31 @@ class CheckpointWriter:
         self.request = dict(request) if request is not None else None
         self.request_digest = request_digest(self.request) if self.request is not None else None
         self.resume = resume
+        self.extra_files = dict(extra_files or {})
         self.completed: frozenset[str] = frozenset()
-        self.output.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
         self._keep_partial = False  # a resume refused: the partial folder belongs to another request
+        self._keep_on_error = False  # an OutputError after completed shards: keep them for --resume
+        self._committing = False
         self._journal: dict[str, Any] | None = None
-        if self.request is not None:
-            self._tmp = partial_path(self.output)
-            self._open_partial(overwrite)
-        else:
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        self._tmp = partial_path(self.output)  # an unplanned writer's is a fresh temporary folder (below)
+        created = False
+        try:
+            if self.output.exists():
+                if not overwrite:
+                    raise OutputError(f"{self.output}: output already exists ({option_hint('overwrite')} replaces it)")
+                check_replaceable(self.output)
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            if self.request is not None:
+                created = not self._tmp.exists()
+                self._open_partial(overwrite)
+            else:
+                self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        except OSError as exc:
+            self._unlock()
+            if created:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            raise OutputError(f"{exc.filename or self.output}: cannot write the output ({os_error_reason(exc)})") from None
         # unplanned mode
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -270,8 +363,8 @@ class CheckpointWriter:
         if tmp.exists() and not self.resume:
             if not overwrite:
                 raise CheckpointError(
-                    f"{tmp}: an interrupted merge into {self.output} is there; pass --resume to continue it "
-                    "or --overwrite to start over"
+                    f"{tmp}: an interrupted merge into {self.output} is there; {option_hint('resume')} continues it, "
+                    f"{option_hint('overwrite')} starts over"
                 )
             self._lock(tmp)
             self._clear_partial()
@@ -296,7 +389,7 @@ class CheckpointWriter:
                 raise CheckpointError(
                     f"{tmp}: cannot resume: the interrupted merge was a different request "
                     f"(differs in: {', '.join(changed) or 'request digest'}); rerun it unchanged, "
-                    "or pass --overwrite instead of --resume to start over"
+                    f"or start over with {option_hint('overwrite')} instead of {option_hint('resume')}"
                 )
             self._journal = journal
             return
@@ -341,8 +434,20 @@ class CheckpointWriter:
         }
         _write_json_atomic(self._tmp / JOURNAL_NAME, journal)
 
+    def _output_error(self, exc: OSError) -> OutputError:
+        """``exc`` as the one-line error of this output; completed shards of a resumable writer are kept
+        (before the commit) and the message says how to continue."""
+        msg = f"{exc.filename or self._tmp}: cannot write the output ({os_error_reason(exc)})"
+        done = len(self._shards)
+        if self.request is not None and self._planned is not None and done and not self._committing:
+            self._keep_on_error = True
+            return OutputError(f"{msg}; {done} of {len(self._planned)} shard(s) are complete in {self._tmp}: "
+                               f"fix this and rerun with {option_hint('resume')} to continue")
+        return OutputError(msg)
+
     # ------------------------------------------------------------------ planned mode
 
+    @_output_errors
     def plan(self, tensors: Iterable[tuple[str, Sequence[int], torch.dtype]]) -> frozenset[str]:
         """Fix the shard layout from every tensor's ``(name, shape, dtype)``, in output order.
 
@@ -385,7 +490,7 @@ class CheckpointWriter:
                 self._keep_partial = True
                 raise CheckpointError(
                     f"{self._tmp}: cannot resume: the shard layout differs from the interrupted merge's "
-                    "(tensor list, shapes, dtypes or shard size changed); pass --overwrite to start over"
+                    f"(tensor list, shapes, dtypes or shard size changed); {option_hint('overwrite')} starts over"
                 )
             recorded = self._journal.get("shards", {})
             for shard in self._planned:
@@ -448,6 +553,7 @@ class CheckpointWriter:
 
     # ------------------------------------------------------------------ both modes
 
+    @_output_errors
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor: at its planned offset (after :meth:`plan`), else queued until a shard is full."""
         if self._planned is not None:
@@ -475,8 +581,10 @@ class CheckpointWriter:
         self._pending = {}
         self._pending_bytes = 0
 
+    @_output_errors
     def commit(self) -> Path:
         """Finish writing and move the output into place; returns the output path."""
+        self._committing = True
         if self._planned is not None:
             missing = [n for s in self._planned for n in sorted(s.missing)]
             if missing:
@@ -505,6 +613,9 @@ class CheckpointWriter:
                 (final_tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
             if self.copy_from is not None:
                 copy_non_weight_files(self.copy_from, final_tmp)
+            for fname, text in self.extra_files.items():
+                (final_tmp / fname).write_text(text)
+            write_manifest(final_tmp)
         self._replace(final_tmp)
         self._committed = True
         self._remove_tmp()
@@ -513,6 +624,7 @@ class CheckpointWriter:
 
     def _replace(self, final_tmp: Path) -> None:
         if self.output.exists():
+            check_replaceable(self.output)  # again: files may have been added during the merge
             trash = self._tmp / "replaced"
             os.replace(self.output, trash)
         os.replace(final_tmp, self.output)
@@ -533,15 +645,20 @@ class CheckpointWriter:
         """Discard everything written so far (a resumable writer's ``<output>.partial`` included)."""
         self._remove_tmp()
 
-    def suspend(self) -> None:
-        """Leave ``<output>.partial`` (completed shards and journal) for a later ``resume``."""
+    def _keep_completed(self) -> None:
         self._close_files()
         self._unlock()
         if self.request is not None:
             for item in self._tmp.glob("*.tmp"):
-                item.unlink()
-            logger.warning("merge interrupted: %d of %d shard(s) complete in %s; rerun with --resume to continue",
-                           len(self._shards), len(self._planned or ()), self._tmp)
+                with contextlib.suppress(OSError):
+                    item.unlink()
+
+    def suspend(self) -> None:
+        """Leave ``<output>.partial`` (completed shards and journal) for a later ``resume``."""
+        self._keep_completed()
+        if self.request is not None:
+            logger.warning("merge interrupted: %d of %d shard(s) complete in %s; rerun with %s to continue",
+                           len(self._shards), len(self._planned or ()), self._tmp, option_hint("resume"))
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -552,6 +669,9 @@ class CheckpointWriter:
         if self._keep_partial:
             self._close_files()
             self._unlock()
+            return
+        if self._keep_on_error and exc_type is not None and issubclass(exc_type, OutputError):
+            self._keep_completed()  # the message says how to continue
             return
         resumable = self.request is not None and self._planned is not None
         if resumable and exc_type is not None and not issubclass(exc_type, TaskmergeError):

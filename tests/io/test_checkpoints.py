@@ -92,7 +92,8 @@ def test_copies_config_files(tmp_path: Path) -> None:
     with CheckpointWriter(tmp_path / "out", copy_from=base) as w:
         w.add("x", torch.ones(1))
         w.commit()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".taskmerge-manifest.json", "config.json", "model.safetensors", "tokenizer.json"]
 
 
 @pytest.mark.parametrize(
