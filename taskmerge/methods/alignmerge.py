@@ -3,36 +3,42 @@
 "Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging" (anonymous ICLR submission;
 "SEAM-O" in one appendix sentence is AlignMerge-O). Data-free, per 2-D weight matrix; tensors that are
 not matrices are averaged by the engine (``matrix_only``, the TSV-M convention the paper follows).
-Notation and the diagnostics both methods rest on (``s_i^r``, ``η^r``, ``ξ``, ``ξ̃``, SAI) are in
-:mod:`taskmerge.analysis.alignment`.
+Notation and the algebra both methods rest on (``s_i^r``, ``η^r``, ``ξ``, ``ξ̃``) are in
+:mod:`taskmerge.subspace_alignment`; the SAI diagnostics and figures in :mod:`taskmerge.analysis.alignment`.
 
 **AlignMerge-B** (``alignmerge_b``, §4.1, Eqs. 4–9), post-merging balancing. Take the merged update of
 any registered method (``base_method`` with ``base_options``; default ``task_arithmetic``, whose update
-before λ is the plain sum Σ_i ΔW_i — the paper's base, App. E.2, for which η ≡ 1), its thin SVD
-``Σ_r σ_r u_r v_rᵀ``, and the full coefficients ``ξ̃_i^r`` (Eq. 7). The gate value of component r is
-``g^r = mean_i ξ̃_i^r`` (multi-task mode, default) or ``ξ̃_t^r`` of one ``target_task`` ("preference
-optimisation", Fig. 5). Eq. 9: ``σ_r ← σ_r / g^r`` if ``g^r >= α`` (Eq. 9's ``>=``; the text says ``>``);
-unchanged if ``0 < g^r < α``; the component is dropped if ``g^r <= 0`` (Eq. 9 lists g = 0 in two cases;
-removal wins, as the second spec reads it). The merged
-update before λ is ``Σ_r σ_r' u_r v_rᵀ``; the paper adds it to W_pre with no further scale
-(``default_lambda = 1``).
+before λ is the plain sum Σ_i ΔW_i — the paper's base, §4.1 and App. E.2 "after summing all weights", for
+which η ≡ 1, Fig. 11), its thin SVD ``Σ_r σ_r u_r v_rᵀ``, and the full coefficients ``ξ̃_i^r`` (Eq. 7). The
+gate value of component r is ``g^r = mean_i ξ̃_i^r`` (multi-task mode, default) or ``ξ̃_t^r`` of one
+``target_task`` ("preference optimisation", Fig. 5). Eq. 9: ``σ_r ← σ_r / g^r`` if ``g^r >= α`` (Eq. 9's
+``>=``; the text says ``>``); unchanged if ``0 < g^r < α``; the component is dropped if ``g^r <= 0`` (Eq. 9
+lists g = 0 in two cases; removal wins, as the second spec reads it). The result is added to W_pre with no
+further scale, ``W = W_pre + ΔW̃`` (§4.1): the registered λ grid is the single value 1 and the benchmark
+sweeps α instead (``option_grid``: 1.0, 1.4, 1.8, 2.2, 3.0 on validation, App. D / Fig. 4).
 
-* In Reading A (``xi_mode="exact"``, spec flag B1, default) ``ξ̃_i^r = σ_r / s_i^r``: a divided component
-  gets the harmonic mean of the tasks' projections ``s_i^r`` (multi-task) or exactly ``s_t^r``
-  (preference mode, the Prop. 2 optimum for task t). ``xi_mode="two_step_full"`` is Reading B.
-* ``α`` (``alpha``, default 1.8, the paper's 8-task value); ``alpha_rule="num_tasks_over_4"`` uses the
-  paper's ``|T|/4`` rule of thumb (§5.3), ``"paper_table"`` the values of App. D (2 tasks 0.6, 8: 1.8,
-  14: 2.8, 20: 6.5; |T|/4 otherwise). ``α = 0`` disables the gate (every positive component divided).
-* ``base_scale`` multiplies the base update before the calibration: the engine's λ is applied *after*
-  AlignMerge-B (the paper's plain-sum base), while ``base_scale = 0.3`` reads the first spec's "TA with
-  λ = 0.3" as the base merge instead (ξ̃ scales with it).
+* ``xi_mode="two_step"`` (default, ``resolved.md`` §AlignMerge 1): ξ is the paper's two-step projection
+  (Eq. 5, App. B.2 Eqs. 22–24) with Eq. 23's ``W_i^r P_row^r`` read as ``ΔW_i P_row^r``; on a summed base the
+  gate then runs from 1 (a component one task owns; ≈ 1–3 once the other tasks add noise there) to ≈ K (a
+  component every task shares equally), so α is a real threshold. Cost: ``ΔW_kᵀ u_r`` and ``ΔW_k v_r`` for
+  every task and component, ``K·R·(m + n)`` extra numbers in the input dtype. ``projection_order="row_first"``
+  is App. E.2's other order (Fig. 7); on a summed base it gives the same ξ̃ as column first (closed form in
+  :mod:`taskmerge.subspace_alignment`).
+  ``xi_mode="ratio"`` is the earlier reading ``ξ_{i,j}^r = s_j^r / s_i^r`` (second spec, flag B1), under which
+  ``ξ̃_i^r = σ_r / s_i^r``, a divided component gets the harmonic mean of the ``s_i^r``, and the gate on a
+  sum is ``>= K`` wherever every task contributes positively (AM–HM), so no α <= K acts there.
+* ``α`` (``alpha``): when not given, by the number of tasks K (``alpha_rule="paper_table"``: the paper's
+  2 / 8 / 14 / 20 tasks → 0.6 / 1.8 / 2.8 / 6.5, §5.1 and App. D, else K/4; ``"num_tasks_over_4"``: K/4
+  always, §5.3's rule of thumb). ``α = 0`` disables the gate (every positive component divided).
+* ``base_scale`` multiplies the base update before the calibration (default 1, the paper's plain sum);
+  ``0.3`` reads the first spec's "TA with λ = 0.3" as the base merge instead (ξ̃ scales with it).
 * The tasks' projections always come from the original task vectors, also for a pruning base such as
-  TIES or DARE (spec flag B6). A base method with a model-level statistic gets its own statistic:
+  TIES, DARE or TSV-M (spec flag B6). A base method with a model-level statistic gets its own statistic:
   ``alignmerge_b`` delegates its two-pass statistic to the base (over the matrices it merges).
 * Guards (never NaN): a task whose update is exactly zero carries no information and is left out of the
-  multi-task mean (otherwise its ``ξ̃ = σ/0`` would delete every component); ``|s_i^r|`` below
-  ``eps·max(σ₁, |s|)`` is replaced by ``±eps·max(σ₁, |s|)``; components whose merged singular value is
-  numerically zero (``<= max(m, n)·eps_dtype·σ₁``) pass through unchanged, since their ξ̃ is noise.
+  multi-task mean; see :mod:`taskmerge.subspace_alignment` for the guards of ξ; components whose merged
+  singular value is numerically zero (``<= max(m, n)·eps_dtype·σ₁``) pass through unchanged, since their
+  ξ̃ is noise.
 
 **AlignMerge-O** (``alignmerge_o``, §4.2, Eqs. 10–14, App. Alg. 1), pre-merging orthogonalisation:
 
@@ -81,15 +87,23 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from taskmerge import linalg
-from taskmerge.analysis.alignment import DEFAULT_EPS, decompose_merge, full_coefficient, subspace_projections
 from taskmerge.errors import OptionError
 from taskmerge.methods.tsv import tsv_bases
 from taskmerge.registry import GlobalStatistic, LayerContext, MethodOptions, get_method, register_method
+from taskmerge.subspace_alignment import (
+    DEFAULT_EPS,
+    ProjectionOrder,
+    XiMode,
+    decompose_merge,
+    full_coefficient,
+    subspace_projections,
+)
 
 __all__ = [
     "AlignMergeBOptions",
     "AlignMergeOOptions",
     "PAPER_ALPHA",
+    "ALPHA_GRID",
     "resolve_alpha",
     "calibrate",
     "aligned_bases",
@@ -104,6 +118,9 @@ _PAPER = (
 
 #: α per number of tasks (§5.1 and App. D).
 PAPER_ALPHA: dict[int, float] = {2: 0.6, 8: 1.8, 14: 2.8, 20: 6.5}
+
+#: The α values the benchmark chooses from on validation (``resolved.md`` §AlignMerge 2; App. D, Fig. 4).
+ALPHA_GRID: tuple[float, ...] = (1.0, 1.4, 1.8, 2.2, 3.0)
 
 
 def _tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
@@ -130,16 +147,41 @@ def _check_deltas(deltas: torch.Tensor, method: str) -> None:
 class AlignMergeBOptions(MethodOptions):
     """Options of ``alignmerge_b`` (module docstring)."""
 
-    base_method: str = Field("task_arithmetic", description="registered method whose merged update is calibrated")
-    base_options: dict[str, Any] = Field(default_factory=dict, description="options of the base method")
-    base_scale: float = Field(1.0, gt=0, description="factor applied to the base update before the calibration")
-    alpha: float = Field(1.8, ge=0, description="gate α of Eq. 9 (used with alpha_rule='fixed')")
-    alpha_rule: Literal["fixed", "num_tasks_over_4", "paper_table"] = Field("fixed", description="how α is chosen")
-    target_task: int | None = Field(
-        None, ge=0, description="preference optimisation for this task (0-based); None = all tasks"
+    base_method: str = Field(
+        "task_arithmetic",
+        description="registered method whose merged update is calibrated (task_arithmetic: the plain sum, the "
+        "paper's base; ties, dare, tsv_m, ...: AlignMerge-B on top of another merge, Table 15)",
     )
-    xi_mode: Literal["exact", "two_step_full"] = Field("exact", description="reading of W_i^r in Eq. 5 (flag B1)")
-    eps: float = Field(DEFAULT_EPS, gt=0, lt=1, description="relative guard of |s_i^r| and η's denominator")
+    base_options: dict[str, Any] = Field(default_factory=dict, description="options of the base method")
+    base_scale: float = Field(
+        1.0, gt=0, description="factor applied to the base update before the calibration (> 0; 1 = the plain sum)"
+    )
+    alpha: float | None = Field(
+        None,
+        ge=0,
+        description="gate α of Eq. 9 (>= 0; 0 divides every positive component); None = by the number of tasks "
+        "(alpha_rule)",
+    )
+    alpha_rule: Literal["paper_table", "num_tasks_over_4"] = Field(
+        "paper_table",
+        description="α when alpha is None: 'paper_table' (2/8/14/20 tasks → 0.6/1.8/2.8/6.5, else K/4) or "
+        "'num_tasks_over_4' (K/4, §5.3)",
+    )
+    target_task: int | None = Field(
+        None, ge=0, description="preference optimisation for this task (0-based, < K, Fig. 5); None = all tasks"
+    )
+    xi_mode: Literal["two_step", "ratio"] = Field(
+        "two_step",
+        description="cross-influence ξ: 'two_step' projection of Eq. 5 / Eq. 23 (default) or 'ratio' s_j/s_i "
+        "(the earlier reading)",
+    )
+    projection_order: Literal["column_first", "row_first"] = Field(
+        "column_first",
+        description="order of the two projections of ξ (App. E.2, Fig. 7); same ξ̃ on a summed base, moot for 'ratio'",
+    )
+    eps: float = Field(
+        DEFAULT_EPS, gt=0, lt=1, description="relative guard (0 < eps < 1) of |s_i^r|, ξ's and η's denominators"
+    )
 
     @field_validator("base_method")
     @classmethod
@@ -159,8 +201,8 @@ class AlignMergeBOptions(MethodOptions):
 
 
 def resolve_alpha(options: AlignMergeBOptions, num_tasks: int) -> float:
-    """The gate α for ``num_tasks`` tasks under ``options.alpha_rule``."""
-    if options.alpha_rule == "fixed":
+    """The gate α for ``num_tasks`` tasks: ``options.alpha`` if given, else by ``options.alpha_rule``."""
+    if options.alpha is not None:
         return options.alpha
     if options.alpha_rule == "paper_table" and num_tasks in PAPER_ALPHA:
         return PAPER_ALPHA[num_tasks]
@@ -173,12 +215,13 @@ def calibrate(
     *,
     alpha: float,
     target_task: int | None = None,
-    xi_mode: Literal["exact", "two_step_full"] = "exact",
+    xi_mode: XiMode = "two_step",
+    projection_order: ProjectionOrder = "column_first",
     eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """Eq. 9 applied to ``merged`` (m, n) given the task updates ``deltas`` (K, m, n)."""
     dec = decompose_merge(deltas, merged)
-    coeff = full_coefficient(deltas, mode=xi_mode, dec=dec, eps=eps)  # (K, R), float64
+    coeff = full_coefficient(deltas, mode=xi_mode, order=projection_order, dec=dec, eps=eps)  # (K, R), float64
     if target_task is None:
         live = deltas.flatten(1).abs().amax(dim=1) > 0
         if not bool(live.any()):
@@ -229,6 +272,8 @@ def _base_statistic(options: AlignMergeBOptions) -> GlobalStatistic | None:
     summary="AlignMerge-B: rescale each singular component of a base merge by the tasks' full coefficient ξ̃ (gate α)",
     matrix_only=True,
     default_lambda=1.0,
+    lambda_grid=(1.0,),
+    option_grid=("alpha", ALPHA_GRID),
     global_statistic=_base_statistic,
 )
 def alignmerge_b(deltas: torch.Tensor, options: AlignMergeBOptions, ctx: LayerContext) -> torch.Tensor:
@@ -251,6 +296,7 @@ def alignmerge_b(deltas: torch.Tensor, options: AlignMergeBOptions, ctx: LayerCo
         alpha=resolve_alpha(options, K),
         target_task=options.target_task,
         xi_mode=options.xi_mode,
+        projection_order=options.projection_order,
         eps=options.eps,
     )
 
@@ -269,7 +315,11 @@ class AlignMergeOOptions(MethodOptions):
         "sum", description="η from Σ_i ΔW_i (Alg. 1) or from the owner task (Eq. 10)"
     )
     sign_reference: Literal["sum_top", "first_task"] = Field("sum_top", description="sign convention of the top pairs")
-    components_per_task: int | None = Field(None, ge=1, description="L; default ⌊(min(m, n) − 1)/K⌋ (at least 1)")
+    components_per_task: int | None = Field(
+        None,
+        ge=1,
+        description="L, components per task (>= 1, capped at min(m, n)); default ⌊(min(m, n) − 1)/K⌋, at least 1",
+    )
 
 
 def aligned_bases(

@@ -1,5 +1,7 @@
-"""AlignMerge diagnostics against brute force: Frobenius projections with explicit m×m / n×n projectors,
-Prop. 2 by least squares and by perturbation, the Eq. 4 identity, and the rank-one factorisation of Eq. 20."""
+"""AlignMerge algebra and diagnostics against brute force: Frobenius projections with explicit m×m / n×n
+projectors in both readings and both projection orders, Prop. 2 by least squares and by perturbation, the
+Eq. 4 identity, the rank-one factorisation of Eq. 20, and the paper's qualitative claims (Figs. 2, 3, the
+gate's range) on synthetic task vectors with shared and private directions."""
 
 from __future__ import annotations
 
@@ -85,8 +87,12 @@ def test_eq_4_decomposition_and_eta(merge):
         torch.testing.assert_close(e, torch.full_like(e, 1.0 if merge == "sum" else 0.3), atol=1e-10, rtol=1e-10)
 
 
-def _brute_xi(deltas: torch.Tensor, merged: torch.Tensor, reading: str) -> torch.Tensor:
-    """Prop. 1 / App. B.2 with explicit m×m and n×n projectors and Frobenius projections."""
+def _brute_xi(deltas: torch.Tensor, merged: torch.Tensor, reading: str, order: str = "column_first") -> torch.Tensor:
+    """Prop. 1 / App. B.2 (Eqs. 22–24) with explicit m×m and n×n projectors and Frobenius projections.
+
+    ``reading="two_step"``: Eq. 23's base ``W_i^r P_row`` is ``ΔW_i P_row``; ``"ratio"``: it is ``P_col ΔW_i P_row``
+    (the earlier reading). ``order="row_first"`` projects on the row side first (App. E.2, Fig. 7).
+    """
     u, sigma, vh = torch.linalg.svd(merged, full_matrices=False)
     K, R = deltas.shape[0], sigma.numel()
     xi = torch.zeros(K, K, R, dtype=torch.float64)
@@ -95,45 +101,177 @@ def _brute_xi(deltas: torch.Tensor, merged: torch.Tensor, reading: str) -> torch
         p_row = torch.outer(vh[r], vh[r])
         for i in range(K):
             for j in range(K):
-                a_i, a_j = p_col @ deltas[i], p_col @ deltas[j]
-                alpha1 = _frob_proj(a_j, a_i)
-                w_res = a_j - alpha1 * a_i
-                base = (a_i if reading == "A" else deltas[i]) @ p_row
-                alpha2 = _frob_proj(w_res @ p_row, base)
+                if order == "column_first":
+                    a_i, a_j = p_col @ deltas[i], p_col @ deltas[j]
+                    alpha1 = _frob_proj(a_j, a_i)
+                    w_res = a_j - alpha1 * a_i
+                    base = (a_i if reading == "ratio" else deltas[i]) @ p_row
+                    alpha2 = _frob_proj(w_res @ p_row, base)
+                else:
+                    b_i, b_j = deltas[i] @ p_row, deltas[j] @ p_row
+                    alpha1 = _frob_proj(b_j, b_i)
+                    w_res = b_j - alpha1 * b_i
+                    base = p_col @ (b_i if reading == "ratio" else deltas[i])
+                    alpha2 = _frob_proj(p_col @ w_res, base)
                 xi[i, j, r] = alpha1 + alpha2
     return xi
 
 
-def test_cross_influence_matches_the_two_step_projection_in_both_readings():
+@pytest.mark.parametrize("order", ["column_first", "row_first"])
+@pytest.mark.parametrize("reading", ["two_step", "ratio"])
+def test_cross_influence_matches_the_two_step_projection(reading, order):
     deltas = _rand(3, 6, 4, seed=3)
     merged = deltas.sum(0)
-    torch.testing.assert_close(cross_influence(deltas, merged), _brute_xi(deltas, merged, "A"), atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(cross_influence(deltas, merged, mode="two_step_full"), _brute_xi(deltas, merged, "B"),
+    torch.testing.assert_close(cross_influence(deltas, merged, mode=reading, order=order),
+                               _brute_xi(deltas, merged, reading, order), atol=1e-9, rtol=1e-9)
+    wide = _rand(2, 3, 7, seed=4)  # the other branch of subspace_projections, and a merge with η ≠ 1
+    torch.testing.assert_close(cross_influence(wide, 0.5 * wide.sum(0), mode=reading, order=order),
+                               _brute_xi(wide, 0.5 * wide.sum(0), reading, order), atol=1e-9, rtol=1e-9)
+
+
+def test_default_is_the_two_step_reading_and_the_ratio_reading_is_s_j_over_s_i():
+    deltas = _rand(3, 6, 5, seed=21)
+    merged = deltas.sum(0)
+    torch.testing.assert_close(cross_influence(deltas, merged), _brute_xi(deltas, merged, "two_step"),
                                atol=1e-9, rtol=1e-9)
-    wide = _rand(2, 3, 7, seed=4)  # the other branch of subspace_projections
-    torch.testing.assert_close(cross_influence(wide, 0.5 * wide.sum(0), mode="two_step_full"),
-                               _brute_xi(wide, 0.5 * wide.sum(0), "B"), atol=1e-9, rtol=1e-9)
+    u, _, vh = torch.linalg.svd(merged, full_matrices=False)
+    s = torch.stack([torch.diag(u.T @ d @ vh.T) for d in deltas])  # s_i^r = u_rᵀ ΔW_i v_r
+    torch.testing.assert_close(cross_influence(deltas, merged, mode="ratio"), s[None] / s[:, None],
+                               atol=1e-9, rtol=1e-9)
 
 
-def test_full_coefficient_is_eq_7_and_reading_a_makes_it_exact():
+def test_row_first_is_column_first_of_the_transposed_problem_and_differs_from_it():
+    """App. E.2 / Fig. 7: the two orders are the same construction on ΔWᵀ, close but not identical in general
+    (they coincide under the ratio reading, where both are s_j/s_i)."""
+    deltas = _rand(3, 7, 5, seed=22)
+    merged = deltas.sum(0)
+    row = cross_influence(deltas, merged, order="row_first")
+    col = cross_influence(deltas, merged)
+    torch.testing.assert_close(row, cross_influence(deltas.transpose(1, 2), merged.T), atol=1e-9, rtol=1e-9)
+    assert not torch.allclose(row, col, atol=1e-3)
+    torch.testing.assert_close(cross_influence(deltas, merged, mode="ratio", order="row_first"),
+                               cross_influence(deltas, merged, mode="ratio"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("reading", ["two_step", "ratio"])
+def test_full_coefficient_is_eq_7(reading):
     deltas = _rand(3, 5, 5, seed=5)
     merged = _rand(5, 5, seed=6)  # any merge: η ≠ 1
     u, sigma, vh = torch.linalg.svd(merged, full_matrices=False)
-    xi = _brute_xi(deltas, merged, "A")
-    dec = decompose_merge(deltas, merged)
+    xi = _brute_xi(deltas, merged, reading)
     eta_bf = torch.stack([sigma[r] / (u[:, r] @ deltas.sum(0) @ vh[r]) for r in range(5)])
     off_diagonal = xi.sum(1) - torch.diagonal(xi, dim1=0, dim2=1).T  # Σ_{j≠i} ξ_{i,j}^r
     eq7 = eta_bf[None, :] * (off_diagonal + 1)
-    coeff = full_coefficient(deltas, merged)
-    torch.testing.assert_close(coeff, eq7, atol=1e-8, rtol=1e-8)
-    torch.testing.assert_close(full_coefficient(deltas, dec=dec, mode="two_step_full"),
-                               eta_bf[None, :] * _brute_xi(deltas, merged, "B").sum(1), atol=1e-8, rtol=1e-8)
-    # Reading A: σ_r M_r = ξ̃_i^r P_col ΔW_i P_row exactly
-    for i in range(3):
-        for r in range(5):
-            lhs = sigma[r] * torch.outer(u[:, r], vh[r])
-            rhs = coeff[i, r] * torch.outer(u[:, r], u[:, r]) @ deltas[i] @ torch.outer(vh[r], vh[r])
-            torch.testing.assert_close(lhs, rhs, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(full_coefficient(deltas, merged, mode=reading), eq7, atol=1e-8, rtol=1e-8)
+    dec = decompose_merge(deltas, merged)
+    torch.testing.assert_close(full_coefficient(deltas, dec=dec, mode=reading, order="row_first"),
+                               eta_bf[None, :] * _brute_xi(deltas, merged, reading, "row_first").sum(1),
+                               atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_on_a_summed_base_the_full_coefficient_has_a_closed_form_symmetric_in_the_two_orders(scale):
+    """For ΔW_merge = c Σ_j ΔW_j, Σ_j a_j = σ v / c (a_k = ΔW_kᵀu, b_k = ΔW_k v), so Eq. 7 sums to
+    ξ̃_i = σ s_i (‖a_i‖² + ‖b_i‖² − s_i²) / (‖a_i‖² ‖b_i‖²): symmetric in a and b, hence the same in both
+    projection orders, and σ/s_i (the ratio reading) only when ΔW_i has nothing else along u or v."""
+    deltas = _rand(4, 7, 5, seed=23)
+    merged = scale * deltas.sum(0)
+    u, sigma, vh = torch.linalg.svd(merged, full_matrices=False)
+    a2 = torch.stack([((d.T @ u) ** 2).sum(0) for d in deltas])  # ‖a_i^r‖²
+    b2 = torch.stack([((d @ vh.T) ** 2).sum(0) for d in deltas])  # ‖b_i^r‖²
+    s = torch.stack([torch.diag(u.T @ d @ vh.T) for d in deltas])
+    closed = sigma * s * (a2 + b2 - s**2) / (a2 * b2)
+    for order in ("column_first", "row_first"):
+        torch.testing.assert_close(full_coefficient(deltas, merged, order=order), closed, atol=1e-9, rtol=1e-9)
+
+
+def test_the_ratio_reading_makes_eqs_6_and_7_exact_and_the_two_step_one_does_not():
+    """resolved.md §AlignMerge 1: under the ratio reading σ_r M_r = ξ̃_i^r P_col ΔW_i P_row holds exactly (the
+    paper writes ≈ and a noise term); the two-step reading leaves a residual."""
+    deltas = _rand(3, 5, 5, seed=5)
+    merged = _rand(5, 5, seed=6)
+    u, sigma, vh = torch.linalg.svd(merged, full_matrices=False)
+    gap = {}
+    for reading in ("ratio", "two_step"):
+        coeff = full_coefficient(deltas, merged, mode=reading)
+        worst = 0.0
+        for i in range(3):
+            for r in range(5):
+                lhs = sigma[r] * torch.outer(u[:, r], vh[r])
+                rhs = coeff[i, r] * torch.outer(u[:, r], u[:, r]) @ deltas[i] @ torch.outer(vh[r], vh[r])
+                worst = max(worst, float((lhs - rhs).norm() / sigma[r]))
+        gap[reading] = worst
+    assert gap["ratio"] < 1e-9 and gap["two_step"] > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's qualitative claims on task vectors of known structure
+# ------------------------------------------------------------------------------------------------
+
+T, SHARED, PRIVATE = 8, 2, 6
+
+
+def _structured_tasks(noise: float, seed: int = 0, m: int = 64, n: int = 64):
+    """8 tasks: rank-2 shared directions common to all (coefficients 3, 2 × U(0.8, 1.2) per task), a private
+    rank-6 block per task (values 2 … 1 × U(0.8, 1.2), mutually orthogonal to everything else) and i.i.d.
+    noise. The merged sum's top 2 components are the shared ones, the next 48 the private ones."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(k: int) -> torch.Tensor:
+        return 0.8 + 0.4 * torch.rand(k, generator=gen, dtype=torch.float64)
+
+    cols = SHARED + PRIVATE * T
+    u = torch.linalg.qr(torch.randn(m, cols, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, cols, generator=gen, dtype=torch.float64))[0]
+    top = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    tasks = []
+    for t in range(T):
+        shared = u[:, :SHARED] @ torch.diag(top * uniform(2)) @ v[:, :SHARED].T
+        lo, hi = SHARED + PRIVATE * t, SHARED + PRIVATE * (t + 1)
+        private = u[:, lo:hi] @ torch.diag(torch.linspace(2.0, 1.0, PRIVATE, dtype=torch.float64) * uniform(PRIVATE))
+        tasks.append(shared + private @ v[:, lo:hi].T + noise * torch.randn(m, n, generator=gen, dtype=torch.float64))
+    return torch.stack(tasks)
+
+
+def test_xi_decays_with_the_component_index():
+    """Fig. 2: ξ is large in the top (shared) components and decays with r: mean off-diagonal ξ_{i,j}^r is ≈ 1
+    on the shared components, small on the private ones, smaller still (≈ 0) on the noise-only tail."""
+    deltas = _structured_tasks(noise=0.01)
+    xi = cross_influence(deltas, deltas.sum(0))
+    off = ((xi.sum(1) - 1) / (T - 1)).mean(0)  # mean over pairs i ≠ j, per component r
+    R = SHARED + PRIVATE * T
+    shared, private, tail = off[:SHARED].mean(), off[SHARED:R].mean(), off[R:].mean()
+    assert 0.9 < float(shared) < 1.1
+    assert float(shared) > 3 * float(private) and float(private) > float(tail) + 0.1
+
+
+def test_gate_runs_from_one_on_a_private_component_to_t_on_a_shared_one():
+    """On a summed base the multi-task gate mean_i ξ̃_i^r is K where every task has the same share of
+    component r and 1 where one task owns it (closed form without noise: a_k ∥ a_i on the shared
+    components, a_i = 0 for the non-owners of a private one). With noise, the shared gates stay ≈ K and the
+    private ones between ≈ 1 and K/4."""
+    clean = _structured_tasks(noise=0.0)
+    gate = full_coefficient(clean, clean.sum(0)).mean(0)
+    R = SHARED + PRIVATE * T
+    u, _, vh = torch.linalg.svd(clean.sum(0), full_matrices=False)
+    c = torch.stack([torch.diag(u[:, :SHARED].T @ d @ vh[:SHARED].T) for d in clean])  # task i's share c_i^r
+    expected_shared = c.sum(0) * (1 / c).mean(0)  # ξ_ij = c_j/c_i: Σ_j c_j · mean_i 1/c_i (AM-HM: ≥ K, = K if equal)
+    torch.testing.assert_close(gate[:SHARED], expected_shared, atol=1e-8, rtol=1e-8)
+    assert float((expected_shared / T - 1).abs().max()) < 0.05
+    torch.testing.assert_close(gate[SHARED:R], torch.ones(R - SHARED, dtype=torch.float64), atol=1e-8, rtol=0)
+    noisy = _structured_tasks(noise=0.01)
+    gate = full_coefficient(noisy, noisy.sum(0)).mean(0)
+    assert float((gate[:SHARED] / T - 1).abs().max()) < 0.1
+    assert 1.0 < float(gate[SHARED:R].median()) < T / 4
+
+
+def test_weight_averaging_signed_sai_is_negative_in_the_bottom_components():
+    """Fig. 3: weight averaging (η = 1/K) balances the shared top components (signed SAI ≈ 0) and
+    over-suppresses every weaker-aligned component below them (signed SAI < 0)."""
+    deltas = _structured_tasks(noise=0.01)
+    curve = sai_curves(deltas, {"WA": deltas.mean(0)})["WA"]
+    assert float(curve[:SHARED].abs().max()) < 0.1
+    assert float(curve[SHARED:].max()) < -0.3
 
 
 def test_sai():
@@ -156,7 +294,7 @@ def test_guards_give_finite_numbers_for_degenerate_inputs():
     zero = torch.zeros_like(d)
     cases = [(torch.stack([d, zero]), d), (torch.stack([d, -d]), zero), (torch.stack([zero, zero]), zero)]
     for deltas, merged in cases:
-        for mode in ("exact", "two_step_full"):
+        for mode in ("two_step", "ratio"):
             assert torch.isfinite(cross_influence(deltas, merged, mode=mode)).all()
             assert torch.isfinite(full_coefficient(deltas, merged, mode=mode)).all()
     row = _rand(2, 1, 6, seed=9)

@@ -1,7 +1,8 @@
-"""AlignMerge-B and AlignMerge-O against independent computations: transcriptions of Eq. 9 and of the
+"""AlignMerge-B and AlignMerge-O against independent computations: transcriptions of Eqs. 5, 7, 9 and of the
 appendix's Algorithm 1 written with full SVDs and explicit rank-one matrices, closed forms of tasks that
 share their singular bases, Prop. 2 by least squares, the norm-preserving factor (App. B.4), sign-flip
-invariance and degenerate inputs."""
+invariance, degenerate inputs, and the paper's qualitative claims for -B on synthetic task vectors with shared
+and private directions."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from taskmerge import linalg
 from taskmerge.errors import OptionError
 from taskmerge.merge import merged_task_vector
-from taskmerge.methods.alignmerge import PAPER_ALPHA, AlignMergeBOptions, resolve_alpha
+from taskmerge.methods.alignmerge import PAPER_ALPHA, AlignMergeBOptions, calibrate, resolve_alpha
 from taskmerge import registry
 from taskmerge.registry import LayerContext, MethodOptions, MethodSpec, get_method, list_methods
 
@@ -74,16 +75,40 @@ def _partial_polar(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# AlignMerge-B: independent transcription of Eqs. 4, 7 (Reading A) and 9
+# AlignMerge-B: independent transcription of Eqs. 4, 5, 7 (App. B.2, Eqs. 22–24) and 9
 # ------------------------------------------------------------------------------------------------
 
 
-def _ref_b(deltas: torch.Tensor, merged: torch.Tensor, alpha: float, target: int | None = None) -> torch.Tensor:
+def _frob_proj(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum() / (b * b).sum()
+
+
+def _ref_xi(deltas: torch.Tensor, u: torch.Tensor, v: torch.Tensor, i: int, j: int, reading: str, order: str):
+    """ξ_{i,j} in the component u vᵀ: the two Frobenius projections with explicit m×m / n×n projectors."""
+    if i == j:
+        return torch.tensor(1.0, dtype=torch.float64)
+    p_col, p_row = torch.outer(u, u), torch.outer(v, v)
+    if reading == "ratio":  # the earlier reading: ξ_{i,j} = s_j / s_i
+        return (u @ deltas[j] @ v) / (u @ deltas[i] @ v)
+    if order == "column_first":
+        a_i, a_j = p_col @ deltas[i], p_col @ deltas[j]
+        alpha1 = _frob_proj(a_j, a_i)
+        return alpha1 + _frob_proj((a_j - alpha1 * a_i) @ p_row, deltas[i] @ p_row)  # Eq. 23: ΔW_i P_row
+    b_i, b_j = deltas[i] @ p_row, deltas[j] @ p_row
+    alpha1 = _frob_proj(b_j, b_i)
+    return alpha1 + _frob_proj(p_col @ (b_j - alpha1 * b_i), p_col @ deltas[i])
+
+
+def _ref_b(deltas: torch.Tensor, merged: torch.Tensor, alpha: float, target: int | None = None,
+           reading: str = "two_step", order: str = "column_first") -> torch.Tensor:
+    deltas, merged = deltas.double(), merged.double()
     u, sigma, vh = torch.linalg.svd(merged, full_matrices=False)
+    K = deltas.shape[0]
     out = torch.zeros_like(merged)
     for r in range(sigma.numel()):
-        s = torch.stack([u[:, r] @ d @ vh[r] for d in deltas])  # P_col ΔW_i P_row = s_i u vᵀ
-        coeff = sigma[r] / s  # ξ̃_i^r = η^r (1 + Σ_{j≠i} s_j/s_i) = σ_r / s_i^r
+        eta = sigma[r] / (u[:, r] @ deltas.sum(0) @ vh[r])  # Eq. 4
+        coeff = torch.stack([eta * sum(_ref_xi(deltas, u[:, r], vh[r], i, j, reading, order) for j in range(K))
+                             for i in range(K)])  # Eq. 7: η (1 + Σ_{j≠i} ξ_{i,j})
         g = coeff.mean() if target is None else coeff[target]
         if g <= 0:
             continue
@@ -94,18 +119,40 @@ def _ref_b(deltas: torch.Tensor, merged: torch.Tensor, alpha: float, target: int
 
 @settings(max_examples=30, deadline=None)
 @given(K=st.integers(1, 4), m=st.integers(1, 8), n=st.integers(1, 8), alpha=st.sampled_from([0.0, 0.6, 1.8, 3.0]),
-       seed=st.integers(0, 1000))
-def test_b_matches_eq_9_on_the_plain_sum(K, m, n, alpha, seed):
+       reading=st.sampled_from(["two_step", "ratio"]), seed=st.integers(0, 1000))
+def test_b_matches_eq_9_on_the_plain_sum(K, m, n, alpha, reading, seed):
     deltas = _rand(K, m, n, seed=seed)
-    expected = _ref_b(deltas, deltas.sum(0), alpha)
-    torch.testing.assert_close(_b(deltas, alpha=alpha), expected, atol=1e-8, rtol=1e-8)
+    expected = _ref_b(deltas, deltas.sum(0), alpha, reading=reading)
+    torch.testing.assert_close(_b(deltas, alpha=alpha, xi_mode=reading), expected, atol=1e-8, rtol=1e-8)
 
 
-def test_b_preference_mode_matches_eq_9_for_the_target_task():
+@pytest.mark.parametrize("reading", ["two_step", "ratio"])
+def test_b_preference_mode_matches_eq_9_for_the_target_task(reading):
     deltas = _rand(3, 7, 5, seed=1)
     for t in range(3):
-        torch.testing.assert_close(_b(deltas, alpha=1.0, target_task=t), _ref_b(deltas, deltas.sum(0), 1.0, t),
-                                   atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(_b(deltas, alpha=1.0, target_task=t, xi_mode=reading),
+                                   _ref_b(deltas, deltas.sum(0), 1.0, t, reading), atol=1e-9, rtol=1e-9)
+
+
+def test_b_default_is_the_two_step_xi_checked_against_a_float64_brute_force():
+    """The default options (two-step ξ, column first, plain-sum base, α by task count: K = 3 → 3/4) against the
+    transcription with explicit projectors, from float32 task vectors."""
+    deltas = _rand(3, 9, 6, seed=23, dtype=torch.float32)
+    expected = _ref_b(deltas, deltas.double().sum(0), 0.75)
+    torch.testing.assert_close(_b(deltas).double(), expected, atol=1e-4, rtol=1e-4)
+    assert float((expected - deltas.double().sum(0)).norm()) > 0.1  # the gate acted
+
+
+@pytest.mark.parametrize("order", ["column_first", "row_first"])
+def test_calibrate_on_any_merge_in_both_projection_orders(order):
+    """Eq. 9 on a merge that is not the sum (η ≠ 1, Σ_j a_j ≠ σ v), where App. E.2's two orders differ."""
+    deltas = _rand(3, 8, 6, seed=24)
+    merged = deltas.sum(0) + 0.5 * _rand(8, 6, seed=25)
+    expected = _ref_b(deltas, merged, 0.0, order=order)
+    torch.testing.assert_close(calibrate(deltas, merged, alpha=0.0, projection_order=order), expected,
+                               atol=1e-9, rtol=1e-9)
+    other = _ref_b(deltas, merged, 0.0, order="row_first" if order == "column_first" else "column_first")
+    assert float((other - expected).norm()) > 1e-3 * float(expected.norm())
 
 
 def _shared_basis_tasks(values: torch.Tensor, m: int = 7, n: int = 5):
@@ -114,30 +161,38 @@ def _shared_basis_tasks(values: torch.Tensor, m: int = 7, n: int = 5):
     return torch.stack([qu @ torch.diag(v) @ qv.T for v in values]), qu, qv
 
 
-def test_b_divides_aligned_components_to_the_harmonic_mean_of_the_task_projections():
+@pytest.mark.parametrize("reading", ["ratio", "two_step"])
+def test_b_divides_aligned_components_to_the_harmonic_mean_of_the_task_projections(reading):
+    """Tasks sharing their singular bases: every a_k = ΔW_kᵀu_r is parallel, so the two-step ξ is s_j/s_i too
+    and both readings give ξ̃_i^r = σ_r / s_i^r."""
     values = torch.tensor([[5.0, 2.0, 1.0], [4.0, 3.0, 0.5], [6.0, 1.0, 2.0]], dtype=torch.float64)
     deltas, qu, qv = _shared_basis_tasks(values)
     harmonic = 3 / (1 / values).sum(0)
-    torch.testing.assert_close(_b(deltas, alpha=0.0), qu @ torch.diag(harmonic) @ qv.T, atol=1e-10, rtol=1e-10)
-    # All contributions positive: g = σ·mean(1/s) >= K by AM-HM, so α = K still divides everything...
-    torch.testing.assert_close(_b(deltas, alpha=3.0), qu @ torch.diag(harmonic) @ qv.T, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(_b(deltas, alpha=0.0, xi_mode=reading), qu @ torch.diag(harmonic) @ qv.T,
+                               atol=1e-10, rtol=1e-10)
+    # All contributions positive: g = σ·mean(1/s) >= K by AM-HM, so α = K still divides everything (under the
+    # ratio reading this holds for every summed base: no α <= K acts, resolved.md §AlignMerge 1)...
+    torch.testing.assert_close(_b(deltas, alpha=3.0, xi_mode=reading), qu @ torch.diag(harmonic) @ qv.T,
+                               atol=1e-10, rtol=1e-10)
     # ...and an α above every g leaves the base merge (the plain sum) untouched.
-    torch.testing.assert_close(_b(deltas, alpha=1e6), deltas.sum(0), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(_b(deltas, alpha=1e6, xi_mode=reading), deltas.sum(0), atol=1e-10, rtol=1e-10)
     # Preference mode with α = 0 returns the target task itself (SAI_t = 0 in every component).
-    torch.testing.assert_close(_b(deltas, alpha=0.0, target_task=1), deltas[1], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(_b(deltas, alpha=0.0, target_task=1, xi_mode=reading), deltas[1],
+                               atol=1e-10, rtol=1e-10)
 
 
-def test_b_drops_components_where_the_tasks_are_non_contributing():
+@pytest.mark.parametrize("reading", ["ratio", "two_step"])
+def test_b_drops_components_where_the_tasks_are_non_contributing(reading):
     # component 0: s = (3, -1): Σ = 2 > 0 but mean(1/s) = -1/3 < 0, so g < 0 and the component is removed
     values = torch.tensor([[3.0, 2.0], [-1.0, 1.0]], dtype=torch.float64)
     deltas, qu, qv = _shared_basis_tasks(values, 6, 4)
     expected = qu[:, 1:] @ torch.diag(2 / (1 / values[:, 1]).sum(0, keepdim=True)) @ qv[:, 1:].T
-    torch.testing.assert_close(_b(deltas, alpha=0.0), expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(_b(deltas, alpha=0.0, xi_mode=reading), expected, atol=1e-10, rtol=1e-10)
 
 
-def test_b_preference_mode_reaches_the_prop_2_optimum():
-    """With α = 0 the target's components become diag(UᵀΔ_tV), the least-squares optimum over diagonals
-    (solved here by lstsq on the vectorised rank-one components); components with s ≤ 0 are removed."""
+def test_b_ratio_preference_mode_reaches_the_prop_2_optimum():
+    """Under the ratio reading, α = 0 makes the target's components diag(UᵀΔ_tV), the least-squares optimum over
+    diagonals (solved here by lstsq on the vectorised rank-one components); components with s ≤ 0 are removed."""
     deltas = _rand(3, 6, 5, seed=4)
     merged = deltas.sum(0)
     u, _, vh = torch.linalg.svd(merged, full_matrices=False)
@@ -145,35 +200,113 @@ def test_b_preference_mode_reaches_the_prop_2_optimum():
     for t in range(3):
         best = torch.linalg.lstsq(design, deltas[t].reshape(-1, 1)).solution[:, 0]
         kept = torch.where(best > 0, best, torch.zeros_like(best))
-        out = _b(deltas, alpha=0.0, target_task=t)
+        out = _b(deltas, alpha=0.0, target_task=t, xi_mode="ratio")
         torch.testing.assert_close(out, u @ torch.diag(kept) @ vh, atol=1e-9, rtol=1e-9)
 
 
 def test_b_base_scale_and_other_bases():
     deltas = _rand(3, 6, 6, seed=5)
     expected = _ref_b(deltas, 0.3 * deltas.sum(0), 1.8)
-    torch.testing.assert_close(_b(deltas, base_scale=0.3), expected, atol=1e-9, rtol=1e-9)
-    if "tsv_m" in {spec.name for spec in list_methods()}:
-        tsv = get_method("tsv_m")
-        base = tsv.fn(deltas, tsv.parse({}), CTX)
-        torch.testing.assert_close(_b(deltas, base_method="tsv_m"), _ref_b(deltas, base, 1.8), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_b(deltas, base_scale=0.3, alpha=1.8), expected, atol=1e-9, rtol=1e-9)
+    names = {spec.name for spec in list_methods()}
+    for base, options in (("tsv_m", {}), ("ties", {"keep": 0.5})):
+        if base in names:  # s_i always from the original task vectors, not the base's pruned ones
+            spec = get_method(base)
+            merged = spec.fn(deltas, spec.parse(options), CTX)
+            torch.testing.assert_close(_b(deltas, base_method=base, base_options=options, alpha=1.8),
+                                       _ref_b(deltas, merged, 1.8), atol=1e-9, rtol=1e-9)
 
 
-def test_b_alpha_rules():
-    opts = AlignMergeBOptions(base_method=SUM)
-    assert resolve_alpha(opts, 8) == 1.8
-    assert resolve_alpha(AlignMergeBOptions(base_method=SUM, alpha_rule="num_tasks_over_4"), 8) == 2.0
-    table = AlignMergeBOptions(base_method=SUM, alpha_rule="paper_table")
-    assert [resolve_alpha(table, k) for k in (2, 8, 14, 20, 6)] == [PAPER_ALPHA[2], 1.8, 2.8, 6.5, 1.5]
+def test_b_alpha_by_task_count():
+    """§5.1 / App. D: α = 0.6 / 1.8 / 2.8 / 6.5 for 2 / 8 / 14 / 20 tasks, else K/4 (§5.3); a given α wins."""
+    table = AlignMergeBOptions(base_method=SUM)
+    assert [resolve_alpha(table, k) for k in (2, 8, 14, 20, 6)] == [0.6, 1.8, 2.8, 6.5, 1.5]
+    assert PAPER_ALPHA == {2: 0.6, 8: 1.8, 14: 2.8, 20: 6.5}
+    quarter = AlignMergeBOptions(base_method=SUM, alpha_rule="num_tasks_over_4")
+    assert [resolve_alpha(quarter, k) for k in (2, 8, 6)] == [0.5, 2.0, 1.5]
+    assert resolve_alpha(AlignMergeBOptions(base_method=SUM, alpha=2.2), 8) == 2.2
     deltas = _rand(6, 5, 5, seed=6)
-    torch.testing.assert_close(_b(deltas, alpha_rule="num_tasks_over_4"), _b(deltas, alpha=1.5), atol=0, rtol=0)
+    torch.testing.assert_close(_b(deltas), _ref_b(deltas, deltas.sum(0), 1.5), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_b(deltas, alpha_rule="num_tasks_over_4"), _ref_b(deltas, deltas.sum(0), 1.5),
+                               atol=1e-9, rtol=1e-9)
 
 
-def test_b_two_step_reading_runs_and_differs_from_reading_a():
-    deltas = _rand(3, 6, 4, seed=7)
-    out = _b(deltas, xi_mode="two_step_full", alpha=0.0)
-    assert torch.isfinite(out).all()
-    assert not torch.allclose(out, _b(deltas, alpha=0.0))
+def test_b_registration_sweeps_alpha_not_lambda():
+    """resolved.md §AlignMerge 2: W = W_pre + ΔW̃ with no global λ; α chosen on validation from this grid."""
+    assert B.default_lambda == 1.0 and B.lambda_grid == (1.0,)
+    assert B.option_grid == ("alpha", (1.0, 1.4, 1.8, 2.2, 3.0))
+
+
+def test_every_option_is_described_with_its_range():
+    for spec in (B, O):
+        for name, field in spec.options.model_fields.items():
+            assert field.description, f"{spec.name}.{name} has no description"
+    bounds = {name: [type(m).__name__ for m in field.metadata] for name, field in B.options.model_fields.items()}
+    assert "Gt" in bounds["base_scale"] and "Ge" in bounds["alpha"] and "Ge" in bounds["target_task"]
+    assert "Ge" in [type(m).__name__ for m in O.options.model_fields["components_per_task"].metadata]
+
+
+# The paper's claims for -B on a summed base (resolved.md §AlignMerge 1, 4): 8 tasks with shared rank-2
+# directions common to all, a private rank-6 block per task, and noise.
+
+T, SHARED, PRIVATE = 8, 2, 6
+
+
+def _structured_tasks(noise: float = 0.01, seed: int = 0, m: int = 64, n: int = 64):
+    """``(deltas, private)``: the task vectors and, per task, the orthonormal bases ``(U_t, V_t)`` of its
+    private block (values 2 … 1 × U(0.8, 1.2)); the shared block has values (3, 2) × U(0.8, 1.2) per task."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(k: int) -> torch.Tensor:
+        return 0.8 + 0.4 * torch.rand(k, generator=gen, dtype=torch.float64)
+
+    cols = SHARED + PRIVATE * T
+    u = torch.linalg.qr(torch.randn(m, cols, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, cols, generator=gen, dtype=torch.float64))[0]
+    top = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    tasks, private = [], []
+    for t in range(T):
+        lo, hi = SHARED + PRIVATE * t, SHARED + PRIVATE * (t + 1)
+        values = torch.linspace(2.0, 1.0, PRIVATE, dtype=torch.float64) * uniform(PRIVATE)
+        tasks.append(u[:, :SHARED] @ torch.diag(top * uniform(2)) @ v[:, :SHARED].T
+                     + u[:, lo:hi] @ torch.diag(values) @ v[:, lo:hi].T
+                     + noise * torch.randn(m, n, generator=gen, dtype=torch.float64))
+        private.append((u[:, lo:hi], v[:, lo:hi]))
+    return torch.stack(tasks), private
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def _private_share(out: torch.Tensor, deltas: torch.Tensor, private) -> list[float]:
+    """‖U_tᵀ out V_t‖_F / ‖U_tᵀ ΔW_t V_t‖_F: how much of task t's private block the merge keeps."""
+    return [float((u.T @ out @ v).norm() / (u.T @ deltas[t] @ v).norm()) for t, (u, v) in enumerate(private)]
+
+
+def test_b_on_the_sum_rebalances_keeps_every_private_direction_and_alpha_acts():
+    deltas, private = _structured_tasks()
+    total = deltas.sum(0)
+    out = _b(deltas, alpha=1.8)
+    assert _cosine(out, total) < 0.9  # not the sum rescaled: the shared components are divided by ≈ K
+    assert min(_private_share(out, deltas, private)) > 0.3  # every task's private block survives
+    for r in range(SHARED):  # the shared components end at about one task's share
+        u, v = torch.linalg.svd(total)[0][:, r], torch.linalg.svd(total)[2][r]
+        mean_share = float(torch.stack([u @ d @ v for d in deltas]).mean())
+        assert float(u @ out @ v) == pytest.approx(mean_share, rel=0.1)
+    low, high = _b(deltas, alpha=1.4), _b(deltas, alpha=3.0)  # two α between 1 and K
+    assert float((low - high).norm()) > 0.1 * float(out.norm())
+
+
+def test_b_ratio_reading_is_the_sum_divided_by_about_k():
+    """resolved.md §AlignMerge 1, the finding behind the change of default: under the ratio reading the output
+    has cosine > 0.95 with the plain sum, the private blocks are all but removed, and α in [1, K] barely acts."""
+    deltas, private = _structured_tasks()
+    out = _b(deltas, alpha=1.8, xi_mode="ratio")
+    assert _cosine(out, deltas.sum(0)) > 0.95
+    assert max(_private_share(out, deltas, private)) < 0.2
+    low, high = _b(deltas, alpha=1.4, xi_mode="ratio"), _b(deltas, alpha=3.0, xi_mode="ratio")
+    assert float((low - high).norm()) < 0.05 * float(out.norm())
 
 
 def test_b_option_errors():
@@ -181,10 +314,12 @@ def test_b_option_errors():
     with pytest.raises(OptionError, match="target_task"):
         _b(deltas, target_task=2)
     for bad in ({"base_method": "no_such_method"}, {"base_method": "alignmerge_b"}, {"alpha": -1.0},
-                {"base_method": SUM, "base_options": {"no_such_option": 1}}, {"xi_mode": "other"}):
-        with pytest.raises(OptionError):
-            B.parse(bad)
-    assert B.matrix_only and B.default_lambda == 1.0
+                {"base_options": {"no_such_option": 1}}, {"xi_mode": "exact"}, {"projection_order": "diagonal"},
+                {"alpha_rule": "fixed"}, {"base_scale": 0.0}, {"eps": 1.0}):
+        key, value = next(iter(bad.items()))
+        with pytest.raises(OptionError, match=next(iter(value)) if isinstance(value, dict) else key):
+            B.parse({"base_method": SUM, **bad} if key != "base_method" else bad)
+    assert B.matrix_only
 
 
 def test_b_delegates_the_base_methods_model_level_statistic(monkeypatch):
@@ -412,10 +547,13 @@ def test_o_thin_matrices_and_rank_budget_beyond_min_dim(shape, K, L):
     assert out.shape == shape and torch.isfinite(out).all()
 
 
-def test_o_is_deterministic_and_float32_matches_float64():
+def test_o_does_not_depend_on_the_task_order_and_float32_matches_float64():
+    """The merge is a function of the set of tasks: u_top, σ_top and the sum-based sign reference are symmetric,
+    and the polar factor is equivariant to the column order of Û, V̂ (spec §11.8)."""
     deltas = _rand(4, 12, 10, seed=15)
-    torch.testing.assert_close(_o(deltas), _o(deltas), atol=0, rtol=0)
-    torch.testing.assert_close(_o(deltas.float()).double(), _o(deltas), atol=1e-4, rtol=1e-4)
+    expected = _o(deltas)
+    torch.testing.assert_close(_o(deltas[[2, 0, 3, 1]]), expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_o(deltas.float()).double(), expected, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,11 +575,14 @@ def _flip_pairs(monkeypatch):
 
 def test_sign_flips_of_singular_pairs_do_not_change_either_method(monkeypatch):
     deltas = _rand(3, 9, 7, seed=16)
-    expected = {"b": _b(deltas), "b1": _b(deltas, target_task=1, alpha=0.0), "o": _o(deltas),
+    def run():
+        return {"b": _b(deltas), "b1": _b(deltas, target_task=1, alpha=0.0), "b_ratio": _b(deltas, xi_mode="ratio"),
+                "b_row": _b(deltas, projection_order="row_first"), "o": _o(deltas),
                 "o_first": _o(deltas, sign_reference="first_task"), "o_owner": _o(deltas, eta_reference="owner")}
+
+    expected = run()
     _flip_pairs(monkeypatch)
-    got = {"b": _b(deltas), "b1": _b(deltas, target_task=1, alpha=0.0), "o": _o(deltas),
-           "o_first": _o(deltas, sign_reference="first_task"), "o_owner": _o(deltas, eta_reference="owner")}
+    got = run()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-9, rtol=1e-9)
 
@@ -458,8 +599,8 @@ def test_b_degenerate_inputs():
             out = _b(deltas, alpha=alpha)
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out, _ref_b(deltas, deltas.sum(0), alpha), atol=1e-9, rtol=1e-9)
-    out = _b(torch.stack([d, -d, d]), alpha=0.0, xi_mode="two_step_full")
-    assert torch.isfinite(out).all()
+    for reading in ("two_step", "ratio"):
+        assert torch.isfinite(_b(torch.stack([d, -d, d]), alpha=0.0, xi_mode=reading)).all()
 
 
 @pytest.mark.parametrize("method, options", [("alignmerge_b", {"base_method": SUM}), ("alignmerge_o", {})])
