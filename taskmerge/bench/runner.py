@@ -2,18 +2,28 @@
 
 :func:`run_benchmark` follows the TSV / Iso-C protocol:
 
-1. load (or LP-FT fine-tune, see :mod:`taskmerge.bench.finetune`) one checkpoint per task;
-2. evaluate the pretrained encoder with each task's linear-probe head, and every fine-tuned encoder on its
-   own task (validation and test);
+1. load (or fine-tune through the task's frozen head, see :mod:`taskmerge.bench.finetune`) one checkpoint per
+   task and fine-tuning seed;
+2. evaluate the pretrained encoder with each task's head (protocol v2: the frozen zero-shot heads, so this row
+   is the pretrained model's zero-shot accuracy), and every fine-tuned encoder on its own task (validation
+   and test);
 3. for each merging method, compute the merged task vector τ **once**
    (:func:`taskmerge.merge.merged_task_vector`), then for every λ of the grid (the method's registered
    ``lambda_grid`` unless ``lam_grid`` is given) evaluate ``θ₀ + λτ`` on every task's *validation* split and
    keep the λ with the best average normalised accuracy (merged / fine-tuned; ties go to the smaller λ);
-4. report *test* accuracy at that λ per task, absolute and normalised, and their averages; tasks held out of
-   the merge (:data:`~taskmerge.bench.datasets.UNSEEN_TASKS`) are evaluated with their linear-probe heads.
+4. report *test* accuracy at that λ per task, absolute and normalised, and their averages, each average with
+   a 95 % bootstrap interval over test examples (:mod:`taskmerge.bench.stats`), and every method's paired
+   difference to Task Arithmetic and to TSV-M; tasks held out of the merge
+   (:data:`~taskmerge.bench.datasets.UNSEEN_TASKS`) are evaluated with their own heads;
+5. with several fine-tuning seeds, repeat 1-4 per seed and add the mean ± sd of every average across seeds.
 
-Results go to ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.md`` (methods × tasks tables with the date
-and the machine).
+``protocol="v2"`` (default) uses the v2 splits (large test sets) and zero-shot heads; ``protocol="v1"`` the
+first benchmark's splits and 16-shot linear-probe heads, whose cached checkpoints it reuses unchanged.
+
+Results go to ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.md`` (methods × tasks tables with the date,
+the machine and its 2048 × 2048 float32 matmul rate). The JSON keeps every row's per-example test
+correctness (``correct_test``: hex of ``numpy.packbits``, see :func:`unpack_correct`), so any other paired
+comparison can be recomputed from it.
 """
 
 from __future__ import annotations
@@ -25,15 +35,18 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from taskmerge.bench.backbone import Backbone, load_backbone
-from taskmerge.bench.datasets import SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
+from taskmerge.bench.datasets import PROTOCOLS, SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
-from taskmerge.bench.finetune import Recipe, configure_threads, finetune, get_recipe, linear_probe
+from taskmerge.bench.finetune import HEADS, Recipe, configure_threads, finetune, get_recipe, task_head
+from taskmerge.bench.stats import bootstrap_average_ci, paired_bootstrap_diff_ci
 from taskmerge.errors import OptionError
 
 logger = logging.getLogger(__name__)
@@ -81,16 +94,48 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Float32 ``n × n`` matmul rate of this machine in GFLOPS (``2 n³`` flops over the best of ``repeats``
+    timed products, after one warm-up), with torch's current thread count."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g)
+    b = torch.randn(n, n, generator=g)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """Per-example correctness as the hex of ``numpy.packbits`` (big bit order, zero-padded to a byte)."""
+    return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_correct` for ``n`` examples."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8), count=n).astype(bool)
 
 
 def _evaluate_all(
     ev: Evaluator, state_dict: Mapping[str, torch.Tensor], heads: Mapping[str, Any], data: Mapping[str, TaskData],
     split: str,
 ) -> dict[str, float]:
+    return {name: float(c.mean()) for name, c in _correct_all(ev, state_dict, heads, data, split).items()}
+
+
+def _correct_all(
+    ev: Evaluator, state_dict: Mapping[str, torch.Tensor], heads: Mapping[str, Any], data: Mapping[str, TaskData],
+    split: str,
+) -> dict[str, np.ndarray]:
     ev.load(state_dict)
-    return {name: ev.accuracy(heads[name], data[name].split(split)) for name in heads}
+    return {name: ev.correct(heads[name], data[name].split(split)) for name in heads}
 
 
 def sweep_lambda(
@@ -117,6 +162,61 @@ def sweep_lambda(
     return best[0], best[1], curve
 
 
+REFERENCE_METHODS: tuple[str, ...] = ("task_arithmetic", "tsv_m")
+"""Every method's paired difference is reported against these (when they are part of the run)."""
+
+
+def _ci_summary(
+    correct: Mapping[str, np.ndarray], ft_correct: Mapping[str, np.ndarray], n_boot: int
+) -> dict[str, Any]:
+    """A row's test accuracies (per task, normalised, averages), their 95 % bootstrap intervals and its packed
+    per-example correctness; normalised accuracy divides by the fine-tuned model's accuracy on the same
+    examples, resampled with them (:func:`~taskmerge.bench.stats.bootstrap_average_ci`)."""
+    test = {n: float(c.mean()) for n, c in correct.items()}
+    norm = {n: normalized_accuracy(test[n], float(ft_correct[n].mean())) for n in correct}
+    _, lo, hi = bootstrap_average_ci(correct, None, n_boot)
+    _, nlo, nhi = bootstrap_average_ci(correct, ft_correct, n_boot)
+    return {"test": test, "normalized_test": norm, "avg_test": _mean(list(test.values())),
+            "avg_normalized_test": _mean(list(norm.values())),
+            "ci95": {"avg_test": [lo, hi], "avg_normalized_test": [nlo, nhi]},
+            "correct_test": {n: pack_correct(c) for n, c in correct.items()}}
+
+
+def _paired_differences(
+    correct: Mapping[str, Mapping[str, np.ndarray]], ft_correct: Mapping[str, np.ndarray],
+    references: Sequence[str], n_boot: int,
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{method: {reference: {"avg_test" | "avg_normalized_test": [difference, low, high]}}}``: paired
+    bootstrap intervals (same resampled test examples for both rows) of every method against each reference."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for method, c in correct.items():
+        out[method] = {}
+        for ref in references:
+            if ref not in correct or ref == method:
+                continue
+            out[method][ref] = {
+                "avg_test": list(paired_bootstrap_diff_ci(c, correct[ref], None, n_boot)),
+                "avg_normalized_test": list(paired_bootstrap_diff_ci(c, correct[ref], ft_correct, n_boot)),
+            }
+    return out
+
+
+def _across_seeds(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation across fine-tuning seeds of every row's averages."""
+    first = next(iter(runs.values()))
+    rows = {"pretrained": lambda r: r["pretrained"], "finetuned": lambda r: r["finetuned"]}
+    rows.update({m: (lambda r, m=m: r["methods"][m]) for m in first["methods"]})
+    out: dict[str, Any] = {}
+    for label, get in rows.items():
+        out[label] = {}
+        for key in ("avg_test", "avg_normalized_test"):
+            values = [float(get(r)[key]) for r in runs.values() if key in get(r)]
+            if values:
+                sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+                out[label][key] = {"mean": float(np.mean(values)), "sd": sd, "values": values}
+    return out
+
+
 def run_benchmark(
     methods: Sequence[str] | None = None,
     tasks: int | str | Sequence[str] = 8,
@@ -135,56 +235,151 @@ def run_benchmark(
     stem: str | None = None,
     patience: int | None = None,
     variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+    protocol: str = "v2",
+    head: str | None = None,
+    seeds: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    references: Sequence[str] = REFERENCE_METHODS,
 ) -> dict[str, Any]:
     """Run the whole benchmark and return (and, if ``out_dir``, write) its results.
 
     Args:
         methods: merge method names (default: every registered data-free method).
-        tasks: merged tasks: an int (first n of ``MAIN_TASKS``: 4, 8), ``"all"`` or a list of names.
+        tasks: merged tasks: an int (first n of ``MAIN_TASKS``: 8, 14, 20), ``"all"`` or a list of names.
         recipe: ``"full"``, ``"lora"`` or a :class:`~taskmerge.bench.finetune.Recipe`.
         lam_grid: λ values to sweep for every method (default: each method's registered grid).
         out_dir: where to write ``<stem>.json`` and ``<stem>.md``; ``None`` writes nothing.
         backbone: ``"minilm"``, ``"tiny"`` or a loaded :class:`~taskmerge.bench.backbone.Backbone`.
-        seed: data-split seed (the recipe carries the training seed).
+        seed: data-split seed.
         steps: override the recipe's number of fine-tuning steps.
-        unseen: held-out tasks evaluated with linear-probe heads (default: ``UNSEEN_TASKS`` not merged,
-            only for the MiniLM backbone).
+        unseen: held-out tasks evaluated with their own heads (default: ``UNSEEN_TASKS`` not merged, only for
+            the MiniLM backbone).
         method_options: per-method option dicts passed to ``merged_task_vector``.
         cache: checkpoint cache directory (default ``$TASKMERGE_CACHE`` or ``~/.cache/taskmerge``).
         num_threads: torch threads (default ``$TASKMERGE_THREADS`` or torch's default).
         progress: show progress bars.
-        stem: output file name stem (default ``bench_<backbone>_<recipe>_<n>tasks``).
+        stem: output file name stem (default ``bench_<backbone>_v2_<recipe>_<n>tasks``; protocol v1:
+            ``bench_<backbone>_<recipe>_<n>tasks``, the first benchmark's names).
         patience: stop a method's λ sweep after this many consecutive grid points (in grid order) without a
             new best validation score; ``None`` (default) sweeps the whole grid, as the papers do. The
             validation curves are unimodal in practice, so 3-5 saves most of the sweep's cost.
         variants: extra rows, label → (method, options), e.g. ``{"dc_merge_linear": ("dc_merge",
             {"smoothing": "linear"})}``; each runs after ``methods`` under its label (see :func:`parse_variant`).
+        protocol: ``"v2"`` (large test splits, zero-shot heads) or ``"v1"`` (the first benchmark's splits
+            and linear-probe heads; reuses its cached checkpoints).
+        head: ``"zeroshot"`` or ``"probe"``; default: the protocol's head for a named recipe (v2 zero-shot, v1
+            probe), the recipe's own head for a :class:`~taskmerge.bench.finetune.Recipe`.
+        seeds: fine-tuning seeds (default: the recipe's seed, 0); each is a separate set of checkpoints
+            (seed 0 keeps its cache keys) and a separate merge run; the top-level rows are the first seed's.
+        n_boot: bootstrap replicates of the intervals.
+        references: methods every other method's paired difference is computed against.
     """
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     configure_threads(num_threads)
-    merged_task_vector, apply_task_vector, get_method = merge_api()
+    if protocol not in PROTOCOLS:
+        raise OptionError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    machine = {**machine_info(), "matmul_gflops_2048": matmul_gflops()}
     methods = list(default_methods() if methods is None else methods)
     task_names = resolve_tasks(tasks)
-    recipe = get_recipe(recipe, **({"steps": steps} if steps is not None else {}))
+    if head is None and isinstance(recipe, str):  # a named recipe takes the protocol's head
+        head = "zeroshot" if protocol == "v2" else "probe"
+    overrides: dict[str, Any] = {"head": head} if head is not None else {}
+    if steps is not None:
+        overrides["steps"] = steps
+    recipe = get_recipe(recipe, **overrides)
+    seeds = [recipe.seed] if seeds is None else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise OptionError(f"seeds: expected distinct fine-tuning seeds, got {seeds}")
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
     if unseen is None:
         unseen = [t for t in UNSEEN_TASKS if t not in task_names] if bb.name == "minilm" else []
     unseen = [t for t in unseen if t not in task_names]
-    method_options = dict(method_options or {})
     variants = dict(variants or {})
     methods += [label for label in variants if label not in methods]
 
-    data = {name: load_task(name, seed) for name in task_names}
-    unseen_data = {name: load_task(name, seed) for name in unseen}
+    data = {name: load_task(name, seed, protocol) for name in task_names}
+    unseen_data = {name: load_task(name, seed, protocol) for name in unseen}
 
+    runs: dict[int, dict[str, Any]] = {}
+    for s in seeds:
+        runs[s] = _run_seed(
+            bb, replace(recipe, seed=s), data, unseen_data, methods, lam_grid, method_options or {}, variants,
+            cache=cache, progress=progress, patience=patience, n_boot=n_boot, references=references,
+        )
+    first = runs[seeds[0]]
+    results: dict[str, Any] = {k: first[k] for k in ("pretrained", "finetuned", "methods")}
+    if len(seeds) > 1:
+        results["seed_runs"] = {str(s): {k: r[k] for k in ("pretrained", "finetuned", "methods", "checkpoints")}
+                                for s, r in runs.items()}
+        results["across_seeds"] = _across_seeds(runs)
+
+    timings = {**first["timings"], "total": time.perf_counter() - t_start}
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine,
+        "backbone": {"name": bb.name, "identity": bb.identity, "source": bb.source},
+        "recipe": replace(recipe, seed=seeds[0]).to_dict(),
+        "split_protocol": protocol,
+        "head": recipe.head,
+        "seed": seed,
+        "finetune_seeds": seeds,
+        "n_boot": n_boot,
+        "references": [r for r in references if r in methods],
+        "tasks": task_names,
+        "unseen_tasks": list(unseen),
+        "methods": methods,
+        "protocol": "lambda chosen per method by average normalized accuracy on validation; test reported"
+        + (f" (sweep stopped after {patience} grid points without improvement)" if patience else ""),
+        "manifests": {n: {"counts": d.manifest["counts"], "sha256": d.manifest["sha256"],
+                          "test_target": d.manifest.get("test_target")}
+                      for n, d in {**data, **unseen_data}.items()},
+        "checkpoints": first["checkpoints"],
+        "finetune_metrics": first["finetune_metrics"],
+        "timings_seconds": timings,
+        "seed_timings_seconds": {str(s): r["timings"] for s, r in runs.items()},
+    }
+    if out_dir is not None:
+        default = f"bench_{bb.name}_{recipe.kind}_{len(task_names)}tasks" if protocol == "v1" else \
+            f"bench_{bb.name}_{protocol}_{recipe.kind}_{len(task_names)}tasks"
+        stem = stem or default
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (out / f"{stem}.md").write_text(markdown_report(results), encoding="utf-8")
+        results["meta"]["outputs"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
+        logger.info("wrote %s/%s.{json,md}", out, stem)
+    return results
+
+
+def _run_seed(
+    bb: Backbone,
+    recipe: Recipe,
+    data: Mapping[str, TaskData],
+    unseen_data: Mapping[str, TaskData],
+    methods: Sequence[str],
+    lam_grid: Sequence[float] | None,
+    method_options: Mapping[str, Mapping[str, Any]],
+    variants: Mapping[str, tuple[str, Mapping[str, Any]]],
+    *,
+    cache: Path | None,
+    progress: bool,
+    patience: int | None,
+    n_boot: int,
+    references: Sequence[str],
+) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring for one fine-tuning seed (``recipe.seed``)."""
+    from tqdm.auto import tqdm
+
+    merged_task_vector, apply_task_vector, get_method = merge_api()
+    task_names = list(data)
+    unseen = list(unseen_data)
+    method_options = {k: dict(v) for k, v in method_options.items()}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     checkpoints = {name: finetune(bb, data[name], recipe, cache=cache, progress=progress) for name in task_names}
     timings["finetune_or_load"] = time.perf_counter() - t0
     heads = {name: ck.head for name, ck in checkpoints.items()}
-    unseen_heads = {name: linear_probe(bb, unseen_data[name], recipe, cache=cache) for name in unseen}
+    unseen_heads = {name: task_head(bb, unseen_data[name], recipe, cache=cache) for name in unseen}
 
     ev = Evaluator(bb.model, bb.tokenizer, max_length=recipe.max_length)
     base_sd = bb.state_dict()
@@ -192,28 +387,28 @@ def run_benchmark(
 
     t0 = time.perf_counter()
     pre_val = _evaluate_all(ev, base_sd, heads, data, "val")
-    pre_test = _evaluate_all(ev, base_sd, heads, data, "test")
+    pre_correct = _correct_all(ev, base_sd, heads, data, "test")
     pre_unseen = _evaluate_all(ev, base_sd, unseen_heads, unseen_data, "test") if unseen else {}
     ft_val: dict[str, float] = {}
-    ft_test: dict[str, float] = {}
+    ft_correct: dict[str, np.ndarray] = {}
     for name, sd in zip(task_names, task_sds):
         ev.load(sd)
         ft_val[name] = ev.accuracy(heads[name], data[name].val)
-        ft_test[name] = ev.accuracy(heads[name], data[name].test)
+        ft_correct[name] = ev.correct(heads[name], data[name].test)
     timings["reference_eval"] = time.perf_counter() - t0
 
-    def summary(test: Mapping[str, float]) -> dict[str, Any]:
-        norm = {n: normalized_accuracy(test[n], ft_test[n]) for n in task_names}
-        return {"test": dict(test), "normalized_test": norm, "avg_test": _mean(list(test.values())),
-                "avg_normalized_test": _mean(list(norm.values()))}
-
+    ft_test = {n: float(c.mean()) for n, c in ft_correct.items()}
+    _, ft_lo, ft_hi = bootstrap_average_ci(ft_correct, None, n_boot)
     results: dict[str, Any] = {
-        "pretrained": {**summary(pre_test), "val": pre_val, "unseen_test": pre_unseen},
+        "pretrained": {**_ci_summary(pre_correct, ft_correct, n_boot), "val": pre_val, "unseen_test": pre_unseen},
         "finetuned": {"test": ft_test, "val": ft_val, "avg_test": _mean(list(ft_test.values())),
-                      "avg_val": _mean(list(ft_val.values()))},
+                      "avg_val": _mean(list(ft_val.values())), "ci95": {"avg_test": [ft_lo, ft_hi]},
+                      "correct_test": {n: pack_correct(c) for n, c in ft_correct.items()}},
         "methods": {},
     }
+    method_correct: dict[str, dict[str, np.ndarray]] = {}
 
+    t_methods = time.perf_counter()
     for method in methods:
         name, variant_options = variants.get(method, (method, {}))
         spec = get_method(name)
@@ -252,10 +447,10 @@ def run_benchmark(
             method_options[method] = {**opts, key: found.value}
             option_record = {"chosen_option": {key: found.value}, "option_grid": {key: list(values)}}
         chosen_sd = apply_task_vector(base_sd, tau, lam)
-        test = _evaluate_all(ev, chosen_sd, heads, data, "test")
+        method_correct[method] = _correct_all(ev, chosen_sd, heads, data, "test")
         unseen_test = _evaluate_all(ev, chosen_sd, unseen_heads, unseen_data, "test") if unseen else {}
         results["methods"][method] = {
-            **summary(test),
+            **_ci_summary(method_correct[method], ft_correct, n_boot),
             **option_record,
             "method": name,
             "lambda": lam,
@@ -268,36 +463,16 @@ def run_benchmark(
             "merge_seconds": merge_seconds,
             "sweep_seconds": time.perf_counter() - t0,
         }
-        logger.info("%s: λ=%.2f, test avg %.4f (normalized %.4f)", method, lam,
+        logger.info("%s (seed %d): λ=%.2f, test avg %.4f (normalized %.4f)", method, recipe.seed, lam,
                     results["methods"][method]["avg_test"], results["methods"][method]["avg_normalized_test"])
         del tau, chosen_sd
+    timings["methods"] = time.perf_counter() - t_methods
 
-    timings["total"] = time.perf_counter() - t_start
-    results["meta"] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine_info(),
-        "backbone": {"name": bb.name, "identity": bb.identity, "source": bb.source},
-        "recipe": recipe.to_dict(),
-        "seed": seed,
-        "tasks": task_names,
-        "unseen_tasks": list(unseen),
-        "methods": methods,
-        "protocol": "lambda chosen per method by average normalized accuracy on validation; test reported"
-        + (f" (sweep stopped after {patience} grid points without improvement)" if patience else ""),
-        "manifests": {n: {"counts": d.manifest["counts"], "sha256": d.manifest["sha256"]}
-                      for n, d in {**data, **unseen_data}.items()},
-        "checkpoints": {n: str(ck.path) for n, ck in checkpoints.items()},
-        "finetune_metrics": {n: ck.info.get("metrics", {}) for n, ck in checkpoints.items()},
-        "timings_seconds": timings,
-    }
-    if out_dir is not None:
-        stem = stem or f"bench_{bb.name}_{recipe.kind}_{len(task_names)}tasks"
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        (out / f"{stem}.md").write_text(markdown_report(results), encoding="utf-8")
-        results["meta"]["outputs"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
-        logger.info("wrote %s/%s.{json,md}", out, stem)
+    for method, paired in _paired_differences(method_correct, ft_correct, references, n_boot).items():
+        results["methods"][method]["paired"] = paired
+    results["checkpoints"] = {n: str(ck.path) for n, ck in checkpoints.items()}
+    results["finetune_metrics"] = {n: ck.info.get("metrics", {}) for n, ck in checkpoints.items()}
+    results["timings"] = timings
     return results
 
 
@@ -305,56 +480,119 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}"
 
 
+def _avg_cell(row: Mapping[str, Any], key: str) -> str:
+    """``87.5 [86.9, 88.1]``: the average and, when the row has it, its 95 % interval."""
+    ci = (row.get("ci95") or {}).get(key)
+    return _pct(row.get(key)) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
+def _diff_cell(d: Sequence[float] | None) -> str:
+    """``+1.2 [0.4, 2.0] *`` in points; ``*`` when the paired interval excludes 0."""
+    if not d:
+        return "–"
+    est, lo, hi = (100 * x for x in d)
+    return f"{est:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else "")
+
+
+def _head_label(meta: Mapping[str, Any]) -> str:
+    return "zero-shot heads" if meta.get("head", "probe") == "zeroshot" else "LP heads"
+
+
 def markdown_report(results: Mapping[str, Any]) -> str:
-    """Methods × tasks tables (absolute and normalised test accuracy, averages, chosen λ) as Markdown."""
+    """Methods × tasks tables (absolute and normalised test accuracy with 95 % intervals, chosen λ), paired
+    differences to the reference methods and, with several seeds, mean ± sd across seeds, as Markdown."""
     meta = results["meta"]
     tasks: list[str] = meta["tasks"]
     unseen: list[str] = meta.get("unseen_tasks", [])
     m = meta["machine"]
     r = meta["recipe"]
     cols = [SHORT_NAMES.get(t, t) for t in tasks]
+    heads = _head_label(meta)
+    protocol = meta.get("split_protocol", "v1")
+    head_text = (f"frozen zero-shot heads (class-name prompts, logit scale {r.get('logit_scale')})"
+                 if meta.get("head") == "zeroshot" else f"frozen {r.get('lp_shots')}-shot linear-probe heads")
+    rate = m.get("matmul_gflops_2048")
+    seeds = meta.get("finetune_seeds", [r["seed"]])
     lines = [
-        f"# taskmerge benchmark: {meta['backbone']['name']}, {len(tasks)} tasks, {r['kind']} fine-tuning",
+        f"# taskmerge benchmark: {meta['backbone']['name']}, {len(tasks)} tasks, {r['kind']} fine-tuning, "
+        f"protocol {protocol}",
         "",
         f"- Date: {meta['date']}",
         f"- Machine: {m['platform']}; CPU {m['cpu']} ({m['cpu_count']} logical CPUs, {m['torch_threads']} torch "
-        f"threads); torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}",
+        f"threads); torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}"
+        + (f"; 2048 × 2048 float32 matmul: {rate:.0f} GFLOPS" if rate else ""),
         f"- Backbone: {meta['backbone']['source']} (sha256 {meta['backbone']['identity'][:16]}…)",
-        f"- Recipe: LP-FT, {r['kind']}, {r['steps']} steps, batch {r['batch_size']}, lr {r['lr']}, "
-        f"max length {r['max_length']}, training seed {r['seed']}; data seed {meta['seed']}",
+        f"- Recipe: {r['kind']} fine-tuning through {head_text}, {r['steps']} steps, batch {r['batch_size']}, "
+        f"lr {r['lr']}, max length {r['max_length']}; fine-tuning seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}; data seed {meta['seed']}",
         f"- Protocol: {meta['protocol']}.",
-        f"- Wall time: {meta['timings_seconds']['total']:.0f} s",
-        "",
-        "## Absolute test accuracy (%)",
-        "",
-        "| Method | " + " | ".join(cols) + " | Avg | λ |",
-        "|---|" + "---|" * (len(cols) + 2),
     ]
+    if "n_boot" in meta:
+        lines.append(f"- Intervals: 95 % percentile bootstrap over test examples ({meta['n_boot']} replicates, "
+                     "examples resampled within each task; normalized accuracy resamples the fine-tuned model's "
+                     "correctness on the same examples). Tables show the first fine-tuning seed.")
+    lines += [f"- Wall time: {meta['timings_seconds']['total']:.0f} s", ""]
     pre, ft = results["pretrained"], results["finetuned"]
-    lines.append("| Pretrained (LP heads) | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
-                 + f" | {_pct(pre['avg_test'])} | – |")
+    counts = {t: meta.get("manifests", {}).get(t, {}).get("counts", {}).get("test") for t in tasks}
+    lines += ["## Absolute test accuracy (%)", "",
+              "| Method | " + " | ".join(cols) + " | Avg [95 % CI] | λ |", "|---|" + "---|" * (len(cols) + 2)]
+    if all(counts.values()):
+        lines.append("| *test examples* | " + " | ".join(str(counts[t]) for t in tasks)
+                     + f" | {sum(counts.values())} | – |")
+    lines.append(f"| Pretrained ({heads}) | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
+                 + f" | {_avg_cell(pre, 'avg_test')} | – |")
     lines.append("| Fine-tuned (individual) | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
-                 + f" | {_pct(ft['avg_test'])} | – |")
+                 + f" | {_avg_cell(ft, 'avg_test')} | – |")
     for name, res in results["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(res["test"][t]) for t in tasks)
-                     + f" | {_pct(res['avg_test'])} | {res['lambda']:g} |")
+                     + f" | {_avg_cell(res, 'avg_test')} | {res['lambda']:g} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
-              "| Method | " + " | ".join(cols) + " | Avg |", "|---|" + "---|" * (len(cols) + 1)]
-    lines.append("| Pretrained (LP heads) | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
-                 + f" | {_pct(pre['avg_normalized_test'])} |")
+              "| Method | " + " | ".join(cols) + " | Avg [95 % CI] |", "|---|" + "---|" * (len(cols) + 1)]
+    lines.append(f"| Pretrained ({heads}) | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
+                 + f" | {_avg_cell(pre, 'avg_normalized_test')} |")
     for name, res in results["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_pct(res["normalized_test"][t]) for t in tasks)
-                     + f" | {_pct(res['avg_normalized_test'])} |")
+                     + f" | {_avg_cell(res, 'avg_normalized_test')} |")
+    refs = [x for x in meta.get("references", []) if x in results["methods"]]
+    if refs:
+        lines += ["", "## Paired differences to " + " and ".join(refs) + " (points, 95 % paired bootstrap interval)",
+                  "", "Same resampled test examples for both rows; * = the interval excludes 0.", "",
+                  "| Method | " + " | ".join(f"Δ normalized vs {x}" for x in refs) + " | "
+                  + " | ".join(f"Δ absolute vs {x}" for x in refs) + " |",
+                  "|---|" + "---|" * (2 * len(refs))]
+        for name, res in results["methods"].items():
+            paired = res.get("paired", {})
+            cells = [_diff_cell(paired.get(x, {}).get("avg_normalized_test")) for x in refs]
+            cells += [_diff_cell(paired.get(x, {}).get("avg_test")) for x in refs]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    across = results.get("across_seeds")
+    if across:
+        lines += ["", f"## Across fine-tuning seeds {', '.join(map(str, seeds))} (mean ± sd of the averages, %)", "",
+                  "| Method | Avg absolute | Avg normalized | Normalized per seed |", "|---|---|---|---|"]
+        labels = {"pretrained": f"Pretrained ({heads})", "finetuned": "Fine-tuned (individual)"}
+        for key, row in across.items():
+            def ms(k: str, row: Mapping[str, Any] = row) -> str:
+                v = row.get(k)
+                return f"{100 * v['mean']:.1f} ± {100 * v['sd']:.1f}" if v else "–"
+
+            per_seed = " / ".join(_pct(x) for x in row.get("avg_normalized_test", {}).get("values", [])) or "–"
+            lines.append(f"| {labels.get(key, key)} | {ms('avg_test')} | {ms('avg_normalized_test')} | {per_seed} |")
     if unseen:
         ucols = [SHORT_NAMES.get(t, t) for t in unseen]
-        lines += ["", "## Unseen tasks (held out of the merge; linear-probe heads), absolute test accuracy (%)", "",
+        lines += ["", f"## Unseen tasks (held out of the merge; {heads}), absolute test accuracy (%)", "",
                   "| Method | " + " | ".join(ucols) + " | Avg |", "|---|" + "---|" * (len(ucols) + 1)]
-        rows = [("Pretrained (LP heads)", pre["unseen_test"])]
+        rows = [(f"Pretrained ({heads})", pre["unseen_test"])]
         rows += [(name, res["unseen_test"]) for name, res in results["methods"].items()]
         for name, accs in rows:
             lines.append(f"| {name} | " + " | ".join(_pct(accs[t]) for t in unseen)
                          + f" | {_pct(_mean([accs[t] for t in unseen]))} |")
     lines += ["", "Task columns: " + "; ".join(f"{SHORT_NAMES.get(t, t)} = `{t}`" for t in tasks + unseen) + "."]
+    manifests = meta.get("manifests", {})
+    small = [f"{SHORT_NAMES.get(t, t)} ({manifests[t]['counts']['test']} of {manifests[t]['test_target']})"
+             for t in tasks + unseen
+             if t in manifests and (manifests[t].get("test_target") or 0) > manifests[t]["counts"]["test"]]
+    if small:
+        lines.append("Test sets below the target size (the source is smaller): " + ", ".join(small) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -383,11 +621,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD:key=value,...",
                    help="an extra row: METHOD with these options under LABEL, e.g. "
                         "'dc_merge_linear=dc_merge:setting=lora,smoothing=linear' (repeatable)")
-    p.add_argument("--tasks", default="8", help="4, 8, all, or comma-separated task names (default 8)")
+    p.add_argument("--tasks", default="8", help="8, 14, 20 (prefixes of the suite), all, or comma-separated task "
+                                                "names (default 8)")
     p.add_argument("--recipe", default="full", choices=["full", "lora"])
+    p.add_argument("--protocol", default="v2", choices=list(PROTOCOLS),
+                   help="v2: large test splits and zero-shot heads (default); v1: the first benchmark's splits and "
+                        "16-shot linear-probe heads (reuses its cached checkpoints)")
+    p.add_argument("--head", default=None, choices=list(HEADS), help="override the protocol's head")
+    p.add_argument("--logit-scale", type=float, default=None, help="zero-shot head logit scale (default 20)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per task (default: the recipe's)")
+    p.add_argument("--seeds", default=None, help="comma-separated fine-tuning seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the intervals (default 1000)")
     p.add_argument("--lam-grid", default=None, help="comma-separated λ values (default: each method's grid)")
     p.add_argument("--out", default="results", help="output directory (default results/)")
+    p.add_argument("--stem", default=None, help="output file stem (default bench_<backbone>_v2_<recipe>_<n>tasks)")
     p.add_argument("--backbone", default="minilm", choices=["minilm", "tiny"])
     p.add_argument("--seed", type=int, default=0, help="data split seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -401,10 +648,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed :func:`build_parser` arguments and print the Markdown report."""
     import sys
 
+    recipe = get_recipe(args.recipe, **({"logit_scale": args.logit_scale} if args.logit_scale is not None else {}))
     results = run_benchmark(
         methods=args.methods.split(",") if args.methods else None,
         tasks=args.tasks,
-        recipe=args.recipe,
+        recipe=recipe,
         lam_grid=[float(x) for x in args.lam_grid.split(",")] if args.lam_grid else None,
         out_dir=args.out,
         backbone=args.backbone,
@@ -412,8 +660,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         steps=args.steps,
         num_threads=args.threads,
         progress=not args.no_progress,
+        stem=args.stem,
         patience=args.patience,
         variants=dict(parse_variant(v) for v in args.variant),
+        protocol=args.protocol,
+        head=args.head,
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        n_boot=args.n_boot,
     )
     sys.stdout.write(markdown_report(results))
     return 0
