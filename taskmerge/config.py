@@ -8,6 +8,8 @@ Example::
     options: {}
     lambda: 1.0
     output: merged/
+    # weights: [1.0, 0.5, 0.5]   # per-model: each task update is multiplied by its weight
+    # a MergeKit file (merge_method: ..., see taskmerge.mergekit_compat) is read as well
     # models may also be PEFT LoRA adapter folders; output_format: lora writes a LoRA adapter
     # output_format: lora
     # lora_rank: 16
@@ -107,12 +109,14 @@ class MergeConfig(BaseModel):
 
     base: Path
     models: list[Path] = Field(min_length=1)
+    weights: list[float] | None = None
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
     lam: float | None = Field(default=None, alias="lambda")
     output: Path
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     compute_dtype: Literal["float32", "float64"] = "float32"
+    cast_inputs: bool = False
     device: str = "cpu"
     seed: int = 0
     include: list[str] | None = None
@@ -137,6 +141,12 @@ class MergeConfig(BaseModel):
     def _lora_rank_given(self) -> MergeConfig:
         if self.output_format == "lora" and self.lora_rank is None:
             raise ValueError("option lora_rank: required with output_format lora (e.g. --lora-rank 16 or lora_rank: 16)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_weight_per_model(self) -> MergeConfig:
+        if self.weights is not None and len(self.weights) != len(self.models):
+            raise ValueError(f"option weights: {len(self.weights)} weight(s) for {len(self.models)} model(s)")
         return self
 
     def policy(self) -> TensorPolicy:

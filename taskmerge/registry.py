@@ -64,6 +64,10 @@ class LayerContext:
             with ``factors[t].dense() == deltas[t]`` (rank 0 for a task that leaves the matrix alone);
             ``None`` otherwise. Low-rank-aware methods may use it instead of ``deltas`` to avoid SVDs of
             m × n matrices; the result must not depend on which route is taken.
+        weights: the per-model weights the engine has already multiplied ``deltas`` by (``None``: all 1); a
+            method that averages (TIES's disjoint mean) divides by their sum rather than by a count.
+        run_seed: the run's seed itself (``seed`` is derived from it per tensor), for a method that reproduces
+            another tool's model-wide random stream (DARE's ``rng="mergekit"``).
     """
 
     name: str
@@ -71,6 +75,8 @@ class LayerContext:
     state: Any = None
     matrix: bool = True
     factors: tuple[LowRank, ...] | None = None
+    weights: tuple[float, ...] | None = None
+    run_seed: int = 0
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A torch generator seeded with :attr:`seed`, for stochastic methods such as DARE."""

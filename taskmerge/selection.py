@@ -3,13 +3,17 @@
 Every tensor falls in one of three classes:
 
 * ``KEEP`` — left at the base model's value: non-floating tensors (index buffers), tensors matched
-  by ``exclude`` (default: task heads), tensors not matched by ``include`` when it is given;
+  by ``exclude`` (default: classification heads — ``classifier``, ``score``, ``qa_outputs``, ``head(s)`` —
+  whose classes differ per task), tensors not matched by ``include`` when it is given;
 * ``MATRIX`` — 2-D weight matrices, which get a method's matrix (SVD-based) treatment;
 * ``OTHER`` — everything else that is merged (biases, norms, 4-D convs, and 2-D tensors matched by
   ``matrix_exclude``: embedding tables and CLIP's ``text_projection``). Methods flagged
   ``matrix_only`` average these, as the TSV-M and Iso-C reference implementations do.
 
 Patterns are Python regular expressions searched (``re.search``) in the tensor name.
+
+A causal LM's ``lm_head`` is merged like any other matrix, as MergeKit does (its rows are the shared
+vocabulary, not per-task classes); ``--exclude 'lm_head'`` keeps it at the base.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from taskmerge.errors import OptionError
 __all__ = ["TensorClass", "TensorPolicy", "DEFAULT_EXCLUDE", "DEFAULT_MATRIX_EXCLUDE"]
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"(^|\.)(classifier|lm_head|score|qa_outputs|heads?)\.",
+    r"(^|\.)(classifier|score|qa_outputs|heads?)\.",
 )
 DEFAULT_MATRIX_EXCLUDE: tuple[str, ...] = (
     r"(^|\.)(word|position|token_type)_embeddings\.",
@@ -69,6 +73,18 @@ class TensorPolicy:
         object.__setattr__(self, "_include", None if self.include is None else _compile(self.include, "include"))
         object.__setattr__(self, "_exclude", _compile(self.exclude, "exclude"))
         object.__setattr__(self, "_matrix_exclude", _compile(self.matrix_exclude, "matrix_exclude"))
+
+    def keep_reason(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> str | None:
+        """Why tensor ``name`` is kept at the base value (``None`` if it is merged), in words."""
+        if not dtype.is_floating_point:
+            return "non-floating tensor(s)"
+        if self._include is not None and not any(p.search(name) for p in self._include):
+            return "tensor(s) not matched by include"
+        for pattern, compiled in zip(self.exclude, self._exclude):
+            if compiled.search(name):
+                head = " (classification heads)" if pattern in DEFAULT_EXCLUDE else ""
+                return f"tensor(s) matched by exclude {pattern!r}{head}"
+        return None
 
     def classify(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> TensorClass:
         """The class of tensor ``name`` with the given shape and dtype."""

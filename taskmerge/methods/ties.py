@@ -14,10 +14,16 @@ whole per-tensor rule :func:`ties_merge` (imported by DC-Merge, DARE-TIES and Co
 Choices, compared with the official code (prateeky2806/ties-merging ``topk_values_mask``,
 ``resolve_sign``, ``disjoint_merge``):
 
-* **Number kept.** Exactly ``k = max(1, round(keep · N))`` of the ``N`` entries per task; among entries
-  tied at the threshold the lowest flat indices win (deterministic). The official ``kthvalue`` code keeps
-  every entry ``≥`` the ``(N − ⌊keep·N⌋)``-th smallest magnitude, i.e. ``⌊keep·N⌋ + 1`` entries plus any
-  ties — one entry more than the paper's k %, negligible at real sizes.
+* **Number kept** (option ``boundary``). Exactly ``k = max(1, round(keep · N))`` of the ``N`` entries per task
+  (``round``, the default: the paper's k %); among entries tied at the threshold the lowest flat indices win
+  (deterministic). The official ``kthvalue`` code, which FusionBench runs, keeps every entry ``≥`` the
+  ``(N − ⌊keep·N⌋)``-th smallest magnitude, i.e. ``⌊keep·N⌋ + 1`` entries plus any ties
+  (``boundary="floor_plus_one"``); MergeKit's ``sparsify.magnitude`` keeps the top ``max(1, ⌊keep·N⌋)`` of each
+  tensor (``boundary="floor"``). They differ by one entry per tensor (per model with ``scope="global"``).
+* **Disjoint merge** (option ``disjoint``). ``mean`` (the paper's Algorithm 1) or ``sum`` (the official code's
+  ``dis-sum``; FusionBench's default ``merge_func: sum``; MergeKit's ``normalize: false``). With per-model
+  weights (``LayerContext.weights``, already applied to the updates by the engine) the mean divides by the
+  agreeing tasks' weight sum ``Σ_t w_t 1{agree}``, MergeKit's ``normalize: true``.
 * **Scope.** ``scope="tensor"`` (default) trims each tensor on its own; ``scope="global"`` trims with one
   model-wide threshold per task, exactly as the paper and the official code (which flatten the whole
   model): a :class:`TiesGlobalThreshold` statistic collects every ``|Δ_t|`` in a first pass and finds the
@@ -29,7 +35,7 @@ Choices, compared with the official code (prateeky2806/ties-merging ``topk_value
   trimmed sum is exactly 0 gets the majority sign; the majority is taken over the tensor (the official
   code takes it over the flattened model). It only matters where non-zero trimmed values cancel exactly.
   If the majority is 0 as well, the entry merges to 0 (the official ``torch.where(sign > 0, τ > 0, τ < 0)``
-  would average its negative entries).
+  would average its negative entries). MergeKit elects ``+`` for an exactly zero sum instead.
 * **λ.** Default 1.0, the paper's no-validation default ("k = 20, λ = 1"); the sweep grid is the
   registry's 0.1–3.0, which contains both the paper's validation range 0.8–2.5 (T5/IA³) and the
   0.2–0.6 range where the CLIP-ViT literature (TALL masks, FusionBench: 0.3) finds TIES's optimum.
@@ -37,7 +43,7 @@ Choices, compared with the official code (prateeky2806/ties-merging ``topk_value
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +53,7 @@ from pydantic import Field
 from taskmerge.registry import AnotherPass, LayerContext, MethodOptions, register_method
 
 __all__ = [
+    "Boundary",
     "TiesOptions",
     "TiesGlobalThreshold",
     "TiesGlobalState",
@@ -58,18 +65,32 @@ __all__ = [
     "ties_elect_sign",
     "disjoint_mean",
     "disjoint_sum",
+    "disjoint_merge",
     "ties_merge",
     "ties",
 ]
 
 
-def keep_count(n: int, keep: float) -> int:
-    """How many of ``n`` entries a keep fraction retains: ``round(keep · n)``, at least 1 when ``keep > 0``."""
+Boundary = Literal["round", "floor", "floor_plus_one"]
+
+
+def keep_count(n: int, keep: float, boundary: Boundary = "round") -> int:
+    """How many of ``n`` entries a keep fraction retains, at least 1 when ``keep > 0`` and all when ``keep ≥ 1``:
+    ``round(keep · n)`` (``round``, the paper's k %), ``⌊keep · n⌋`` (``floor``, MergeKit's ``int(density · numel)``)
+    or ``⌊keep · n⌋ + 1`` (``floor_plus_one``, the official code's ``kthvalue(n − int(n · K))``, FusionBench's)."""
     if keep <= 0 or n == 0:
         return 0
     if keep >= 1:
         return n
-    return max(1, min(n, int(keep * n + 0.5)))
+    if boundary == "round":
+        k = int(keep * n + 0.5)
+    elif boundary == "floor":
+        k = int(keep * n)
+    elif boundary == "floor_plus_one":
+        k = int(n * keep) + 1
+    else:
+        raise ValueError(f"keep_count: unknown boundary {boundary!r} (round, floor or floor_plus_one)")
+    return max(1, min(n, k))
 
 
 # Below this many entries a row's k-th largest magnitude is taken by ``torch.kthvalue`` directly; above it
@@ -141,11 +162,11 @@ def _top_mask(mag: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def ties_trim_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor | None:
+def ties_trim_mask(deltas: torch.Tensor, keep: float, boundary: Boundary = "round") -> torch.Tensor | None:
     """The entries TIES step 1 keeps: per task, the ``keep`` fraction of largest magnitude (bool, ``deltas``'
     shape), or ``None`` when every entry is kept (``keep ≥ 1``).
 
-    The top-k runs over all non-task dimensions of ``deltas`` (T, *shape), with ``k = max(1, round(keep · N))``;
+    The top-k runs over all non-task dimensions of ``deltas`` (T, *shape), with ``k = keep_count(N, keep, boundary)``;
     ties at the threshold go to the lowest flat index, so exactly ``k`` entries survive per task. Works task by
     task (:func:`kth_largest`): the extra memory is one task's magnitudes plus the mask (1 byte per entry).
     """
@@ -154,7 +175,7 @@ def ties_trim_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor | None:
     t = deltas.shape[0]
     flat = deltas.detach().reshape(t, -1)
     n = flat.shape[1]
-    k = keep_count(n, keep)
+    k = keep_count(n, keep, boundary)
     if k >= n:
         return None
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=deltas.device)
@@ -165,11 +186,11 @@ def ties_trim_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor | None:
     return mask.reshape(deltas.shape)
 
 
-def ties_trim(deltas: torch.Tensor, keep: float) -> torch.Tensor:
+def ties_trim(deltas: torch.Tensor, keep: float, boundary: Boundary = "round") -> torch.Tensor:
     """TIES step 1: per task, keep the ``keep`` fraction of largest-magnitude entries, zero the rest
     (:func:`ties_trim_mask`). Returns a new tensor of the same shape (the input itself when ``keep ≥ 1``);
     differentiable in the kept entries."""
-    mask = ties_trim_mask(deltas, keep)
+    mask = ties_trim_mask(deltas, keep, boundary)
     return deltas if mask is None else torch.where(mask, deltas, 0)
 
 
@@ -188,11 +209,11 @@ def ties_elect_sign(deltas: torch.Tensor, mask: torch.Tensor | None = None) -> t
     return sign.masked_fill_(sign == 0, majority)
 
 
-def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor, mask: torch.Tensor | None = None,
+                  weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over tasks of the entries (of ``mask``, if given) that are non-zero with the elected ``sign``, and how
-    many there are per entry (none where the sign is 0). Task by task: the extra memory is a few single-task
-    tensors."""
+    many there are per entry (none where the sign is 0) — with ``weights``, the sum of the agreeing tasks'
+    weights instead. Task by task: the extra memory is a few single-task tensors."""
     pos, neg = sign > 0, sign < 0
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
@@ -201,39 +222,60 @@ def _agreeing_sum(deltas: torch.Tensor, sign: torch.Tensor,
         if mask is not None:
             agree &= mask[i]
         total += torch.where(agree, d, 0)
-        count += agree
+        if weights is None:
+            count += agree
+        else:
+            count += torch.where(agree, float(weights[i]), 0.0)
     return total, count
 
 
-def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def disjoint_mean(deltas: torch.Tensor, sign: torch.Tensor, mask: torch.Tensor | None = None,
+                  weights: Sequence[float] | None = None) -> torch.Tensor:
     """TIES step 3: mean over tasks of the non-zero entries (of ``mask``, if given) whose sign agrees with
-    ``sign`` (0 if none)."""
-    total, count = _agreeing_sum(deltas, sign, mask)
-    return total / count.clamp_min(1)
+    ``sign`` (0 if none). With ``weights`` (already applied to ``deltas``) the sum is divided by the agreeing
+    tasks' weight sum instead of their count (a zero divisor counts as 1, as MergeKit's ``normalize``)."""
+    total, count = _agreeing_sum(deltas, sign, mask, weights)
+    return total / torch.where(count == 0, 1.0, count)
 
 
-def disjoint_sum(deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """The ``dis-sum`` variant of step 3: sum of the entries whose sign agrees with ``sign``."""
-    return _agreeing_sum(deltas, sign)[0]
+def disjoint_sum(deltas: torch.Tensor, sign: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``dis-sum`` variant of step 3: sum of the entries (of ``mask``, if given) whose sign agrees with ``sign``."""
+    return _agreeing_sum(deltas, sign, mask)[0]
 
 
-def ties_merge(deltas: torch.Tensor, keep: float = 0.2) -> torch.Tensor:
-    """The whole per-tensor TIES rule: trim to ``keep``, elect signs, disjoint mean. Shape ``deltas.shape[1:]``."""
-    mask = ties_trim_mask(deltas, keep)  # the trimmed updates are deltas · mask, never materialised
-    return disjoint_mean(deltas, ties_elect_sign(deltas, mask), mask)
+def disjoint_merge(deltas: torch.Tensor, sign: torch.Tensor, mask: torch.Tensor | None, disjoint: str,
+                   weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Step 3 by name: ``mean`` (:func:`disjoint_mean`, weighted by ``weights`` if given) or ``sum``."""
+    if disjoint == "sum":
+        return disjoint_sum(deltas, sign, mask)
+    if disjoint == "mean":
+        return disjoint_mean(deltas, sign, mask, weights)
+    raise ValueError(f"disjoint_merge: unknown rule {disjoint!r} (mean or sum)")
+
+
+def ties_merge(deltas: torch.Tensor, keep: float = 0.2, boundary: Boundary = "round", disjoint: str = "mean",
+               weights: Sequence[float] | None = None) -> torch.Tensor:
+    """The whole per-tensor TIES rule: trim to ``keep``, elect signs, disjoint mean (or sum). Shape
+    ``deltas.shape[1:]``."""
+    mask = ties_trim_mask(deltas, keep, boundary)  # the trimmed updates are deltas · mask, never materialised
+    return disjoint_merge(deltas, ties_elect_sign(deltas, mask), mask, disjoint, weights)
 
 
 class TiesOptions(MethodOptions):
-    """Options of ``ties``.
+    """Options of ``ties`` (see the module docstring's choices)."""
 
-    Attributes:
-        keep: fraction of entries kept per task by the trim step (the paper's k = 20 %).
-        scope: ``tensor`` trims each tensor separately; ``global`` uses one model-wide magnitude threshold
-            per task (the paper's code; two streaming statistics passes, see :class:`TiesGlobalThreshold`).
-    """
-
-    keep: float = Field(0.2, gt=0.0, le=1.0)
-    scope: Literal["tensor", "global"] = "tensor"
+    keep: float = Field(0.2, gt=0.0, le=1.0, description=(
+        "fraction of each task's entries kept by the trim step (the paper's k = 20 %; MergeKit's density)"))
+    scope: Literal["tensor", "global"] = Field("tensor", description=(
+        "tensor: trim each tensor on its own (MergeKit); global: one model-wide magnitude threshold per task "
+        "(the paper's code and FusionBench; two extra streaming passes over the models)"))
+    boundary: Boundary = Field("round", description=(
+        "how many of N entries the trim keeps: round = round(keep·N), the paper's k %; floor = max(1, ⌊keep·N⌋), "
+        "MergeKit's sparsify; floor_plus_one = ⌊keep·N⌋ + 1, the official code's kthvalue, FusionBench's"))
+    disjoint: Literal["mean", "sum"] = Field("mean", description=(
+        "step 3: mean of the entries agreeing with the elected sign (the paper; with per-model weights divided "
+        "by the agreeing weights' sum, MergeKit's normalize: true) or their sum (dis-sum; FusionBench's "
+        "merge_func: sum, MergeKit's normalize: false)"))
 
 
 @dataclass(frozen=True)
@@ -263,7 +305,7 @@ class TiesGlobalThreshold:
 
     Pass 1 counts, per task, the entries of every tensor per bucket of the magnitude's 16 leading bits (a
     few thousand non-empty buckets); ``finalize`` finds the bucket holding the k-th largest magnitude with
-    ``k = round(keep · P)``. Pass 2 counts the distinct magnitudes in that bucket only (about 1/128 of a
+    ``k = keep_count(P, keep, boundary)``. Pass 2 counts the distinct magnitudes in that bucket only (about 1/128 of a
     binade; in float32 at most 2^16 distinct values), and ``finalize`` reads the exact k-th largest off
     those counts. Entries equal to the threshold are allotted, up to k in total, in sorted tensor-name
     order and then flat-index order, so that exactly k entries per task survive model-wide. Memory: one
@@ -325,7 +367,7 @@ class TiesGlobalThreshold:
             for t, (idx, cnt) in enumerate(collected[n]):
                 counts[t].index_add_(0, idx, cnt)
         total = int(counts[0].sum())
-        k = keep_count(total, options.keep)
+        k = keep_count(total, options.keep, options.boundary)
         if k >= total:
             return TiesGlobalState(threshold=None)
         bucket, larger = zip(*(_bucket_of_kth(row, k) for row in counts))
@@ -373,5 +415,5 @@ def ties(deltas: torch.Tensor, options: TiesOptions, ctx: LayerContext) -> torch
         if not isinstance(ctx.state, TiesGlobalState):
             raise RuntimeError("ties (scope=global) needs the statistics pass; ctx.state is missing")
         mask = ties_global_mask(deltas, ctx.state, ctx.name)  # the trimmed updates are never materialised
-        return disjoint_mean(deltas, ties_elect_sign(deltas, mask), mask)
-    return ties_merge(deltas, options.keep)
+        return disjoint_merge(deltas, ties_elect_sign(deltas, mask), mask, options.disjoint, ctx.weights)
+    return ties_merge(deltas, options.keep, options.boundary, options.disjoint, ctx.weights)
