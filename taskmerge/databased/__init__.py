@@ -8,15 +8,18 @@
   per-task alignment matrices, absorbed into weights and heads.
 
 All share one training loop (:mod:`taskmerge.databased.loop`) that evaluates the merged encoder with
-``torch.func.functional_call``. Every method has the signature
+``torch.func.functional_call`` (:mod:`taskmerge.databased.encoder`: length-chunked steps, only the embedding
+rows a step reads). Defaults are the papers' schedules: AdaMerging and MDA-AM 500 steps × batch 16, lr 1e-3;
+MOMA 1000 steps × batch 24 (text), App. B.3's learning rates. :mod:`taskmerge.databased.ceiling` computes
+what an exact feature alignment could reach (MOMA §3.3). Every method has the signature
 
     fn(base_sd, task_sds, heads, unlabeled_inputs, options, *, encoder, ...) -> DataMergeResult
 
 and the result unpacks as ``encoder_sd, heads = result``. ``encoder`` is a
-:class:`~taskmerge.databased.loop.FunctionalEncoder` (architecture + feature function), ``heads`` are objects
+:class:`~taskmerge.databased.encoder.FunctionalEncoder` (architecture + feature function), ``heads`` are objects
 with ``weight`` (C_t × d) and ``bias``, ``unlabeled_inputs`` one tensor or
 :class:`~taskmerge.databased.loop.UnlabeledInputs` per task. :data:`DATA_METHODS` maps names to
-``(function, options class, data-free method it starts from)``; the benchmark hook is
+``(name, function, options class, paper, summary)``; the benchmark hook is
 :func:`taskmerge.databased.bench.evaluate_databased` and the command line's is
 :func:`taskmerge.databased.cli.merge_with_data`.
 """
@@ -26,15 +29,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from taskmerge.databased.adamerging import AdaMergingOptions, adamerging
+from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
 from taskmerge.databased.loop import (
     DataMergeResult,
-    FunctionalEncoder,
     LabeledInputs,
     LinearHead,
     LoopOptions,
     TensorInputs,
     TokenInputs,
-    mean_pool_features,
 )
 from taskmerge.databased.mda_am import MDAAMOptions, mda_am
 from taskmerge.databased.moma import MOMAOptions, moma
@@ -69,7 +71,6 @@ class DataMethod(NamedTuple):
     options: type
     paper: str
     summary: str
-    uses_labels: bool = False
 
 
 DATA_METHODS: dict[str, DataMethod] = {
@@ -80,8 +81,8 @@ DATA_METHODS: dict[str, DataMethod] = {
     "mda_am": DataMethod(
         "mda_am", mda_am, MDAAMOptions,
         "Chen et al., arXiv 2512.00391 (MDA), Alg. 2, Eqs. 4–9",
-        "layer-wise λ on MDA-TA's ETF-aligned vectors + one SO(d) feature rotation per task, absorbed into the heads",
-        uses_labels=True),
+        "layer-wise λ on MDA-TA's ETF-aligned vectors + one SO(d) feature rotation per task, absorbed into the heads "
+        "(no label; class means from pseudo-labels)"),
     "moma": DataMethod(
         "moma", moma, MOMAOptions,
         "Kong et al. (MOMA: Masked Orthogonal Matrix Alignment), Eq. 10",

@@ -13,8 +13,8 @@ Settings, following the paper and its code (``EnricoShippole/AdaMerging``-style 
 * initialisation at Task Arithmetic's λ (``init_lambda``; the paper's prior is 0.3, the benchmark passes the
   λ Task Arithmetic chose on validation);
 * Adam, lr 1e-3, betas (0.9, 0.999); coefficients clamped to [0, 1] after every step (``clamp``);
-* batch 16 per task per step; the paper runs 500 steps on the test inputs of every task (test-time
-  adaptation); our default is 100 (``steps``), set it for your budget;
+* batch 16 per task per step, 500 steps (the paper's schedule, our defaults), on the unlabeled test inputs of
+  every task (test-time adaptation; the benchmark's default ``adapt_split="test"``);
 * AdaMerging++ (``preprocess="ties"``): the task vectors are first TIES-preprocessed — trimmed to the top
   ``ties_keep`` fraction of entries per task and tensor, and only the entries agreeing with the elected sign
   kept — then merged with the learned coefficients (no disjoint mean).
@@ -32,9 +32,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from taskmerge.databased.encoder import FunctionalEncoder
 from taskmerge.databased.loop import (
     DataMergeResult,
-    FunctionalEncoder,
     LoopOptions,
     as_inputs,
     entropy,
@@ -46,7 +46,7 @@ from taskmerge.databased.loop import (
     task_vectors,
 )
 
-__all__ = ["AdaMergingOptions", "CoefficientMerge", "adamerging", "ties_preprocess"]
+__all__ = ["AdaMergingOptions", "CoefficientMerge", "adamerging", "entropy_loss", "ties_preprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,16 @@ class CoefficientMerge(nn.Module):
         """The T coefficients of tensor number ``index``."""
         return self.lambdas[:, index if self.granularity == "layer" else 0]
 
-    def forward(self) -> dict[str, torch.Tensor]:
-        """The merged tensors (only those with a task vector), in the base dtype."""
+    def forward(self, rows: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The merged tensors (only those with a task vector), in the base dtype; for a tensor named in
+        ``rows`` only those rows (a compacted embedding table, :mod:`taskmerge.databased.encoder`)."""
         out = {}
         for i, name in enumerate(self.names):
             tau = self.vectors[name]
             base = self.base[name]
+            ids = rows.get(name) if rows else None
+            if ids is not None:
+                tau, base = tau.index_select(1, ids), base.index_select(0, ids)
             lam = self.coefficient(i).to(tau.dtype)
             if base.dtype == tau.dtype:  # one fused θ₀ + τᵀλ (GEMV), the fastest route for big embedding tables
                 out[name] = torch.addmv(base.reshape(-1), tau.reshape(tau.shape[0], -1).T, lam).view(base.shape)
@@ -140,6 +144,20 @@ def ties_preprocess(vectors: Mapping[str, torch.Tensor], keep: float) -> dict[st
         sign = ties_elect_sign(trimmed)
         out[name] = torch.where(trimmed * sign > 0, trimmed, torch.zeros_like(trimmed))
     return out
+
+
+def entropy_loss(logits: Sequence[torch.Tensor], scales: Sequence[float] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """AdaMerging's objective (Yang et al. 2024; the same term is MDA's Eq. 7): ``Σ_t mean_x H(softmax(s_t z_t(x)))``
+    with ``H(p) = −Σ_c p_c log p_c`` and ``z_t`` task t's logits (``s_t`` = 1 unless an entropy scaling is set).
+    Returns the loss and each task's term (``H<t>``)."""
+    total = torch.zeros((), dtype=logits[0].dtype, device=logits[0].device)
+    parts = {}
+    for t, z in enumerate(logits):
+        h = entropy(z if scales is None else scales[t] * z).mean()
+        total = total + h
+        parts[f"H{t}"] = float(h.detach())
+    return total, parts
 
 
 def _check_inputs(heads: Sequence[Any], inputs: Sequence[Any], task_count: int) -> list[Any]:
@@ -181,14 +199,8 @@ def adamerging(
     scales = entropy_scales(heads, opts.entropy_scaling)
 
     def objective(step: int, batches: list[Any], indices: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
-        params = merge()
-        total = torch.zeros(())
-        parts = {}
-        for t, (head, feats) in enumerate(zip(heads, encoder.many(params, batches))):
-            h = entropy(scales[t] * head_logits(head, feats)).mean()
-            total = total + h
-            parts[f"H{t}"] = float(h.detach())
-        return total, parts
+        feats = encoder.step_features(batches, merge)
+        return entropy_loss([head_logits(h, f) for h, f in zip(heads, feats)], scales)
 
     def clamp(step: int) -> None:
         if opts.clamp is not None:

@@ -2,18 +2,23 @@
 
 * :func:`evaluate_databased` — run one data-based method on already loaded benchmark pieces (backbone, task
   data, heads, state dicts, evaluator) and report per-task test accuracy, absolute and normalised, in the
-  shape of :func:`taskmerge.bench.runner.run_benchmark`'s per-method results. This is the hook for the runner.
+  shape of :func:`taskmerge.bench.runner.run_benchmark`'s per-method results, with the run's convergence
+  evidence. This is the hook for the runner.
 * :func:`run_databased` — everything end to end: load (or fine-tune, cached) the checkpoints, choose each
   data-free starting point's λ on validation (the runner's protocol), run the data-based configurations,
-  and write ``<out_dir>/<stem>.json`` + ``.md`` (methods × tasks, absolute and normalised, Δ vs the start).
+  and write ``<out_dir>/<stem>.json`` + ``.md`` (methods × tasks, absolute and normalised, Δ vs the start) and
+  every run's loss curve (``<out_dir>/<stem>_curves/<row>.{json,png}``, :mod:`taskmerge.databased.curves`).
 
-Protocol. Unlabeled inputs are the texts of ``adapt_split`` with their labels dropped — ``"test"`` by default,
-the papers' test-time-adaptation setting (AdaMerging, MDA, MOMA all adapt on the unlabeled test inputs they
-are scored on); ``"train"`` or ``"val"`` adapts on held-out texts instead. No data-based method sees a label,
-except MDA-AM's class means, which use the **validation** split's labels (never test labels). Each method
-starts from its data-free counterpart at the λ that counterpart chose on validation: AdaMerging from Task
-Arithmetic, MDA-AM from MDA-TA (Task Arithmetic for the ``parameter_alignment=False`` ablation), MOMA from
-its ``base`` (WA / TA / TIES).
+Protocol. The unlabeled inputs are the texts of ``adapt_split`` with their labels dropped: ``"test"`` by
+default — the papers' test-time adaptation (AdaMerging, MDA and MOMA all adapt on the unlabeled test inputs
+they are scored on; **transductive**); ``"val"`` (or ``"train"``) adapts on other texts (the **inductive**
+variant), and every row and table says which. Labels serve only for choices and scores: each data-free start's
+λ is chosen on the validation split, and the test split is scored. No data-based method reads a label, except
+MDA-AM's explicit ``class_means="labels"`` variant (class means from the validation labels), marked in every
+table. MDA-AM's rotation diagnostics are scored on the split it did not adapt on (validation, or test when it
+adapted on validation). Each method starts from its data-free counterpart at the λ that counterpart chose on
+validation: AdaMerging from Task Arithmetic, MDA-AM from MDA-TA (Task Arithmetic for the
+``parameter_alignment=False`` ablation), MOMA from its ``base`` (WA / TA / TIES).
 
 ``python -m taskmerge.databased.bench --help`` runs it from the command line.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,13 +36,20 @@ from typing import Any
 
 import torch
 
-from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
 from taskmerge.bench.runner import _mean
-from taskmerge.databased.loop import FunctionalEncoder, LabeledInputs, TokenInputs, mean_pool_features
+from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
+from taskmerge.databased.curves import write_curve
+from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
+from taskmerge.databased.loop import LabeledInputs, TokenInputs, json_info
 
-__all__ = ["evaluate_databased", "run_databased", "combine_results", "markdown_table", "main"]
+__all__ = ["evaluate_databased", "run_databased", "combine_results", "markdown_table", "protocol_of", "main"]
 
 logger = logging.getLogger(__name__)
+
+
+def protocol_of(adapt_split: str) -> str:
+    """``"transductive"`` when adapting on the (unlabeled) test inputs that are scored, else ``"inductive"``."""
+    return "transductive" if adapt_split == "test" else "inductive"
 
 
 def _summary(acc: Mapping[str, float], ft: Mapping[str, float]) -> dict[str, Any]:
@@ -49,6 +62,16 @@ def _accuracies(evaluator: Any, state: Mapping[str, torch.Tensor], heads: Mappin
                 data: Mapping[str, Any], split: str) -> dict[str, float]:
     evaluator.load(state)
     return {n: evaluator.accuracy(heads[n], data[n].split(split)) for n in heads}
+
+
+def _unlabeled(tokenizer: Any, data: Mapping[str, Any], split: str, max_length: int) -> list[TokenInputs]:
+    """The texts of ``split`` of every task, tokenised once, labels dropped."""
+    return [TokenInputs.from_texts(tokenizer, [text for text, _ in data[n].split(split)], max_length) for n in data]
+
+
+def _labeled(tokenizer: Any, data: Mapping[str, Any], split: str, max_length: int) -> list[LabeledInputs]:
+    return [LabeledInputs(TokenInputs.from_texts(tokenizer, [t for t, _ in data[n].split(split)], max_length),
+                          torch.tensor([y for _, y in data[n].split(split)])) for n in data]
 
 
 def evaluate_databased(
@@ -66,8 +89,8 @@ def evaluate_databased(
     options: Mapping[str, Any] | None = None,
     adapt_split: str = "test",
     max_length: int = 48,
-    val_split: bool = True,
     progress: bool = True,
+    inputs: Sequence[TokenInputs] | None = None,
     unseen_data: Mapping[str, Any] | None = None,
     unseen_heads: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -85,45 +108,48 @@ def evaluate_databased(
         start_lambda: the λ the starting data-free method chose on validation (initialises λ / sets MOMA's λ).
         start_vector: the starting method's merged task vector, if already computed (layer-wise MDA-AM, MOMA).
         options: the method's options (fields of its options class).
-        adapt_split: which split's texts (labels dropped) are the unlabeled inputs.
+        adapt_split: which split's texts (labels dropped) are the unlabeled inputs (``"test"``: transductive,
+            the papers' protocol; ``"val"`` / ``"train"``: inductive).
         max_length: tokenisation length (the recipe's).
-        val_split: MDA-AM: class means from the validation split's labels (else pseudo-labels).
         progress: progress bar of the training loop (unless ``options`` sets ``progress``).
+        inputs: the unlabeled inputs already tokenised (``adapt_split``'s texts, task order), else tokenised here.
         unseen_data, unseen_heads: tasks held out of the merge, evaluated (test) with their own heads on the
             merged encoder (``unseen_test`` of the result, as the runner's rows).
 
     Returns:
         A row in the format of :func:`taskmerge.bench.runner.run_benchmark`'s ``results["methods"][name]``
         (``test`` / ``normalized_test`` per task and their averages, ``lambda`` = the start's λ, ``unseen_test``),
-        plus ``val`` per task, the start method and λ,
-        the loss history (``loss``: per step; ``loss_curve``: smoothed, every 5th step), ``info`` and seconds.
+        plus ``val`` per task, the start method and λ, the protocol (``adapt_split``, ``protocol``,
+        ``uses_labels``, ``label_source``), the loss history (``loss`` per step, ``loss_parts``,
+        ``step_seconds``, ``loss_curve``: smoothed, every 5th step), its ``convergence``
+        (:func:`taskmerge.databased.loop.tail_trend`), MOMA's ``masking_rate``, the learned λ's
+        ``lambda_stats``, MDA-AM's ``diagnostics`` (on ``diagnostics_split``), ``info`` and seconds.
     """
+    from taskmerge.databased.mda_am import rotation_diagnostics
+
     spec = get_data_method(method)
     names = list(data)
     normalize = {bool(getattr(heads[n], "normalize", True)) for n in names}
     if len(normalize) != 1:
         raise ValueError("all heads must agree on feature normalisation")
     opts = dict(options or {})
-    parsed = parse_data_options(method, opts)
     key = {"adamerging": "init_lambda", "mda_am": "init_lambda", "moma": "lam"}[method]
     opts.setdefault(key, float(start_lambda))
     opts.setdefault("progress", progress)
-    opts = parse_data_options(method, opts)
+    parsed = parse_data_options(method, opts)
     tok = backbone.tokenizer
-    inputs = [TokenInputs.from_texts(tok, [t for t, _ in data[n].split(adapt_split)], max_length) for n in names]
+    if inputs is None:
+        inputs = _unlabeled(tok, data, adapt_split, max_length)
     encoder = FunctionalEncoder(backbone.model, base_sd, mean_pool_features(normalize.pop()))
     head_list = [heads[n] for n in names]
     kwargs: dict[str, Any] = {"encoder": encoder}
-    if method == "mda_am":
-        if val_split:
-            kwargs["labeled"] = [LabeledInputs(TokenInputs.from_texts(tok, [t for t, _ in data[n].val], max_length),
-                                               torch.tensor([y for _, y in data[n].val])) for n in names]
-        if start_vector is not None and getattr(parsed, "granularity", "layer") == "layer":
-            kwargs["start_vector"] = start_vector
-    if method == "moma" and start_vector is not None:
+    uses_labels = method == "mda_am" and parsed.class_means == "labels"
+    if uses_labels:
+        kwargs["labeled"] = _labeled(tok, data, "val", max_length)
+    if method in ("mda_am", "moma") and start_vector is not None and getattr(parsed, "granularity", "layer") == "layer":
         kwargs["start_vector"] = start_vector
     t0 = time.perf_counter()
-    result = spec.fn(base_sd, task_sds, head_list, inputs, opts, **kwargs)
+    result = spec.fn(base_sd, task_sds, head_list, list(inputs), parsed, **kwargs)
     seconds = time.perf_counter() - t0
     new_heads = dict(zip(names, result.heads))
     test = _accuracies(evaluator, result.state_dict, new_heads, data, "test")
@@ -132,13 +158,25 @@ def evaluate_databased(
                    if unseen_data and unseen_heads else {})
     hist = result.history
     smooth = hist.smoothed(10)
-    info = {k: v for k, v in result.info.items() if k != "lambdas" and not isinstance(v, torch.Tensor)}
+    info = json_info(result.info)
+    row: dict[str, Any] = {}
     lam_table = result.info.get("lambdas")
     if lam_table:
-        flat = [x for row in lam_table.values() for x in row]
-        info["lambda_stats"] = {"min": min(flat), "max": max(flat), "mean": _mean(flat)}
+        flat = [x for r in lam_table.values() for x in r]
+        row["lambda_stats"] = {"min": min(flat), "max": max(flat), "mean": _mean(flat)}
         rows = list(lam_table.values())
         info["lambda_mean_per_vector"] = [_mean([r[i] for r in rows]) for i in range(len(rows[0]))]
+    if "masking_rate" in result.info:
+        row["masking_rate"] = float(result.info["masking_rate"])
+    if method == "mda_am" and parsed.rotation:
+        held_out = "test" if adapt_split == "val" else "val"
+        diag = rotation_diagnostics(encoder, result.state_dict, result.info["classifier_heads"],
+                                    result.info["rotations"], result.info["procrustes_rotations"],
+                                    _labeled(tok, data, held_out, max_length), parsed.feature_batch_size)
+        row["diagnostics"] = {k: _mean(v) for k, v in diag.items()}
+        row["diagnostics_per_task"] = diag
+        row["diagnostics_split"] = held_out
+    timed = hist.step_seconds[1:] or hist.step_seconds
     return {
         **_summary(test, ft_test),
         "val": val,
@@ -148,12 +186,19 @@ def evaluate_databased(
         "lambda": float(start_lambda),
         "unseen_test": unseen_test,
         "adapt_split": adapt_split,
-        "options": opts.model_dump(),
+        "protocol": protocol_of(adapt_split),
+        "uses_labels": uses_labels,
+        "label_source": "val (class means)" if uses_labels else None,
+        "options": parsed.model_dump(),
         "loss": hist.loss,
         "loss_parts": hist.parts,
+        "step_seconds": hist.step_seconds,
         "loss_curve": smooth[::5] + ([smooth[-1]] if smooth and (len(smooth) - 1) % 5 else []),
+        "convergence": hist.convergence(),
         "train_seconds": seconds,
         "seconds_per_step": seconds / max(1, len(hist.loss)),
+        "median_step_seconds": statistics.median(timed) if timed else None,
+        **row,
         "info": info,
     }
 
@@ -186,8 +231,10 @@ def run_databased(
         start_options: options of the data-free starting methods (``mda_ta``'s ``num_classes`` is filled in).
         lam_grids: λ grids of the starting methods' sweeps (default: the registry's).
         patience: stop a sweep after this many grid points without a new best (``None``: whole grid).
-        adapt_split: the split whose texts are the unlabeled inputs (default ``"test"``, the papers' protocol).
-        out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md`` (``out_dir=None``: nothing written).
+        adapt_split: the split whose texts are the unlabeled inputs (default ``"test"``, the papers' transductive
+            protocol; ``"val"``: the inductive variant); a configuration's ``"adapt_split"`` key overrides it.
+        out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md``, and every run's loss curve to
+            ``<out_dir>/<stem>_curves/`` (``out_dir=None``: nothing written).
         reference: a results JSON of an earlier run on the same checkpoints — this module's or
             :func:`taskmerge.bench.runner.run_benchmark`'s — whose pretrained / fine-tuned accuracies and data-free
             starts (λ and test accuracy) are reused instead of re-evaluated (checked: same tasks, recipe and
@@ -237,6 +284,7 @@ def run_databased(
     s_opts.setdefault("mda_ta", {}).setdefault("num_classes", counts)
     known = dict(start_lambdas or {})
     vectors: dict[str, dict[str, torch.Tensor]] = {}
+    tokenized: dict[str, list[TokenInputs]] = {}
 
     def start(method: str) -> tuple[float, dict[str, torch.Tensor]]:
         if method in vectors:
@@ -283,15 +331,21 @@ def run_databased(
         lam, tau = start(smethod)
         if method == "mda_am" and smethod == "mda_ta":
             opts.setdefault("mda_options", s_opts["mda_ta"])
+        split = cfg.get("adapt_split", adapt_split)
+        if split not in tokenized:  # tokenise each split once for all configurations
+            tokenized[split] = _unlabeled(bb.tokenizer, data, split, recipe.max_length)
         res = evaluate_databased(method, backbone=bb, data=data, heads=heads, base_sd=base_sd, task_sds=task_sds,
                                  evaluator=ev, ft_test=ft_test, start_lambda=lam, start_vector=tau, options=opts,
-                                 adapt_split=cfg.get("adapt_split", adapt_split), max_length=recipe.max_length,
-                                 progress=progress)
+                                 adapt_split=split, max_length=recipe.max_length, progress=progress,
+                                 inputs=tokenized[split])
         start_res = results["starts"][smethod]
         res["delta_avg_test"] = res["avg_test"] - start_res["avg_test"]
         res["delta_avg_normalized_test"] = res["avg_normalized_test"] - start_res["avg_normalized_test"]
-        results["methods"][cfg.get("name", method)] = res
-        logger.info("%s: test avg %.4f (normalized %.4f), Δ vs %s %+.4f", cfg.get("name", method), res["avg_test"],
+        name = cfg.get("name", method)
+        if out_dir is not None:
+            res["curve"] = write_curve(Path(out_dir) / f"{stem}_curves", name, res)
+        results["methods"][name] = res
+        logger.info("%s: test avg %.4f (normalized %.4f), Δ vs %s %+.4f", name, res["avg_test"],
                     res["avg_normalized_test"], smethod, res["delta_avg_test"])
         if out_dir is not None:  # write after every configuration, so a long run leaves partial results
             _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths)
@@ -367,8 +421,20 @@ def combine_results(paths: Sequence[str | Path], out_dir: str | Path | None = No
     return out
 
 
+def _adapt_cell(r: Mapping[str, Any]) -> str:
+    split = r.get("adapt_split", "?")
+    frac = r.get("options", {}).get("data_fraction", 1.0)
+    share = "" if frac >= 1.0 else f", {100 * frac:g} %"
+    return f"{split} ({r.get('protocol', protocol_of(split))}{share})"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None or x != x else format(x, spec)
+
+
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """Absolute and normalised test accuracy per task: pretrained, fine-tuned, data-free starts, data-based rows."""
+    """Absolute and normalised test accuracy per task (pretrained, fine-tuned, data-free starts, data-based
+    rows with their protocol), then every run's training record (schedule, seconds per step, convergence)."""
     from taskmerge.bench.runner import SHORT_NAMES, _pct
 
     meta = results["meta"]
@@ -383,65 +449,83 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         f"- Recipe: LP-FT {meta['recipe']['kind']}, {meta['recipe']['steps']} steps; data seed {meta['seed']}; "
         f"wall time {meta['seconds']:.0f} s",
         "- Data-free starts: λ chosen on validation (average normalised accuracy). Data-based rows start from the "
-        "start named in their row at that λ and adapt on the unlabeled texts of the split named in the row "
-        "(labels dropped); MDA-AM's class means use validation labels only.",
+        "start named in their row at that λ and adapt on the unlabeled texts (labels dropped) of the split in "
+        "column *adapt on*: `test` = transductive (the papers' test-time adaptation), `val` = inductive. Column "
+        "*labels*: `none`, or the labels a row's variant reads (MDA-AM `class_means=labels`: validation labels).",
         "",
         "## Absolute test accuracy (%)",
         "",
-        "| Method | start (λ) | split | steps | " + " | ".join(cols) + " | Avg | Δ vs start |",
-        "|---|---|---|---|" + "---|" * (len(cols) + 2),
+        "| Method | start (λ) | adapt on | labels | steps × batch | " + " | ".join(cols) + " | Avg | Δ vs start |",
+        "|---|---|---|---|---|" + "---|" * (len(cols) + 2),
     ]
     pre, ft = results["pretrained"], results["finetuned"]
-    lines.append("| Pretrained (LP heads) | – | – | – | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
+    lines.append("| Pretrained (LP heads) | – | – | – | – | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
                  + f" | {_pct(pre['avg_test'])} | |")
-    lines.append("| Fine-tuned (individual) | – | – | – | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
+    lines.append("| Fine-tuned (individual) | – | – | – | – | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
                  + f" | {_pct(ft['avg_test'])} | |")
     for name, r in results["starts"].items():
-        lines.append(f"| {name} (data-free) | λ={r['lambda']:g} | – | – | " + " | ".join(_pct(r["test"][t]) for t in tasks)
-                     + f" | {_pct(r['avg_test'])} | |")
+        lines.append(f"| {name} (data-free) | λ={r['lambda']:g} | – | – | – | "
+                     + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | |")
     for name, r in results["methods"].items():
         d = 100 * r["delta_avg_test"]
-        lines.append(f"| {name} | {r['start_method']} ({r['start_lambda']:g}) | {r['adapt_split']} | {r['options']['steps']} | "
+        o = r["options"]
+        lines.append(f"| {name} | {r['start_method']} ({r['start_lambda']:g}) | {_adapt_cell(r)} | "
+                     f"{r.get('label_source') or 'none'} | {o['steps']} × {o['batch_size']} | "
                      + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | {d:+.1f} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
-              "| Method | " + " | ".join(cols) + " | Avg | Δ vs start |", "|---|" + "---|" * (len(cols) + 2)]
-    lines.append("| Pretrained (LP heads) | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
+              "| Method | adapt on | labels | " + " | ".join(cols) + " | Avg | Δ vs start |",
+              "|---|---|---|" + "---|" * (len(cols) + 2)]
+    lines.append("| Pretrained (LP heads) | – | – | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
                  + f" | {_pct(pre['avg_normalized_test'])} | |")
     for name, r in results["starts"].items():
-        lines.append(f"| {name} (data-free) | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
+        lines.append(f"| {name} (data-free) | – | – | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
                      + f" | {_pct(r['avg_normalized_test'])} | |")
     for name, r in results["methods"].items():
         d = 100 * r["delta_avg_normalized_test"]
-        lines.append(f"| {name} | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
+        lines.append(f"| {name} | {_adapt_cell(r)} | {r.get('label_source') or 'none'} | "
+                     + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
                      + f" | {_pct(r['avg_normalized_test'])} | {d:+.1f} |")
-    lines += ["", "## Training", "", "| Method | steps | s/step | first loss | last loss (10-step mean) | notes |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Training and convergence", "",
+              "*still falling*: the least-squares slope of the per-step loss over the last 10 % of steps is below "
+              "−2 standard errors (`taskmerge.databased.loop.tail_trend`); *tail Δ*: the fitted change of the loss "
+              "across that window, *run Δ*: the window's mean minus the first window's. Curves: "
+              "`<stem>_curves/<row>.{json,png}`.", "",
+              "| Method | adapt on | steps × batch | s/step | first loss | last loss (10-step mean) | tail Δ | run Δ | "
+              "still falling | masking rate | λ range (mean) | notes |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         loss = r["loss"]
         last = _mean(loss[-10:]) if loss else float("nan")
-        info = r.get("info", {})
+        conv = r.get("convergence") or {}
+        falling = {True: "**yes**", False: "no", None: "–"}[conv.get("still_falling")]
+        lam = r.get("lambda_stats")
+        lam_cell = f"[{lam['min']:.3f}, {lam['max']:.3f}] ({lam['mean']:.3f})" if lam else "–"
+        mask = r.get("masking_rate")
         notes = []
-        if "masking_rate" in info:
-            notes.append(f"masking rate {100 * info['masking_rate']:.1f}%")
-        if "lambda_stats" in info:
-            s = info["lambda_stats"]
-            notes.append(f"λ ∈ [{s['min']:.3f}, {s['max']:.3f}], mean {s['mean']:.3f}")
-        if "diagnostics" in info and info["diagnostics"]:
-            dg = info["diagnostics"]
-            notes.append("val acc R=I/R_proc/R: " + "/".join(f"{100 * _mean(dg[k]):.1f}" for k in
-                                                               ("val_acc_identity", "val_acc_procrustes", "val_acc_learned")))
-        lines.append(f"| {name} | {len(loss)} | {r['seconds_per_step']:.2f} | {loss[0] if loss else float('nan'):.4f} | "
-                     f"{last:.4f} | {'; '.join(notes)} |")
+        if r.get("diagnostics"):
+            dg = r["diagnostics"]
+            notes.append(f"{r['diagnostics_split']} acc R=I/R_proc/R: "
+                         + "/".join(f"{100 * dg[k]:.1f}" for k in ("acc_identity", "acc_procrustes", "acc_learned")))
+        o = r["options"]
+        lines.append(f"| {name} | {_adapt_cell(r)} | {o['steps']} × {o['batch_size']} | {r['seconds_per_step']:.2f} | "
+                     f"{_fmt(loss[0] if loss else None, '.4f')} | {_fmt(last, '.4f')} | "
+                     f"{_fmt(conv.get('tail_change'), '+.4f')} | {_fmt(conv.get('total_change'), '+.4f')} | {falling} | "
+                     f"{'–' if mask is None else f'{100 * mask:.1f} %'} | {lam_cell} | {'; '.join(notes)} |")
     lines += ["", "Task columns: " + "; ".join(f"{SHORT_NAMES.get(t, t)} = `{t}`" for t in tasks) + "."]
     return "\n".join(lines) + "\n"
 
 
 def _parse_config(text: str) -> dict[str, Any]:
-    """``name=method:key=value,key=value`` (values parsed as YAML; :func:`taskmerge.bench.runner.parse_variant`)."""
+    """``name=method:key=value,key=value`` (values parsed as YAML; :func:`taskmerge.bench.runner.parse_variant`);
+    the key ``adapt_split`` sets the row's split instead of a method option."""
     from taskmerge.bench.runner import parse_variant
 
     name, (method, options) = parse_variant(text)
-    return {"name": name, "method": method, "options": options}
+    options = dict(options)
+    cfg = {"name": name, "method": method}
+    if "adapt_split" in options:
+        cfg["adapt_split"] = str(options.pop("adapt_split"))
+    return {**cfg, "options": options}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -455,7 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recipe", default="full")
     p.add_argument("--start-lambda", action="append", default=[], metavar="METHOD=λ",
                    help="λ of a data-free start already chosen on validation (skips its sweep)")
-    p.add_argument("--adapt-split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--adapt-split", default="test", choices=["train", "val", "test"],
+                   help="split whose texts (labels dropped) the methods adapt on: test = transductive (the papers', "
+                        "default), val / train = inductive; a config's adapt_split=... overrides it")
     p.add_argument("--out", default="results")
     p.add_argument("--stem", default="databased")
     p.add_argument("--reference", default=None,

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options
-from taskmerge.databased.loop import FunctionalEncoder, LabeledInputs, LinearHead, TokenInputs, mean_pool_features
+from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
+from taskmerge.databased.loop import LabeledInputs, LinearHead, TokenInputs, json_info
 from taskmerge.errors import CheckpointError, OptionError
 
 __all__ = ["merge_with_data", "load_head", "save_head", "heads_dir"]
@@ -170,7 +171,11 @@ def merge_with_data(cfg: Any, progress: bool = True) -> Path:
         options.setdefault("lam" if cfg.method == "moma" else "init_lambda", cfg.lam)
     opts = parse_data_options(cfg.method, options)
     kwargs: dict[str, Any] = {"encoder": FunctionalEncoder(model, base_sd, mean_pool_features(normalize))}
-    if cfg.method == "mda_am":
+    uses_labels = cfg.method == "mda_am" and opts.class_means == "labels"
+    if data.labeled is not None and not uses_labels:
+        raise OptionError("data.labeled: labelled files are read only by mda_am with options.class_means: labels "
+                          "(the data-based methods use no label by default)")
+    if uses_labels:
         if data.labeled is not None:
             if len(data.labeled) != T:
                 raise OptionError(f"data.labeled: {len(data.labeled)} files for {T} models")
@@ -178,10 +183,10 @@ def merge_with_data(cfg: Any, progress: bool = True) -> Path:
         elif bench_tasks is not None:
             pairs = [([t for t, _ in task.val], [y for _, y in task.val]) for task in bench_tasks]
         else:
-            pairs = None
-        if pairs is not None:
-            kwargs["labeled"] = [LabeledInputs(TokenInputs.from_texts(tokenizer, tx, data.max_length), torch.tensor(ys))
-                                 for tx, ys in pairs]
+            raise OptionError("options.class_means: labels needs data.labeled (label<TAB>text files) or data.tasks "
+                              "(the benchmark's validation split)")
+        kwargs["labeled"] = [LabeledInputs(TokenInputs.from_texts(tokenizer, tx, data.max_length), torch.tensor(ys))
+                             for tx, ys in pairs]
     result = spec.fn(base_sd, task_sds, heads, inputs, opts, **kwargs)
 
     out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.dtype or "")
@@ -197,9 +202,7 @@ def merge_with_data(cfg: Any, progress: bool = True) -> Path:
     for i, (head, meta, m) in enumerate(zip(result.heads, metas, models)):
         save_head(hdir / f"{i}-{m.name if m.name not in ('model', '') else m.parent.name}.safetensors", head,
                   {**meta, "taskmerge_method": cfg.method})
-    (hdir / "history.json").write_text(json.dumps({"loss": result.history.loss, "parts": result.history.parts,
-                                                   "info": {k: v for k, v in result.info.items()
-                                                            if k != "lambdas" and not isinstance(v, torch.Tensor)}},
-                                                  indent=1, default=str) + "\n")
+    (hdir / "history.json").write_text(json.dumps({**result.history.to_dict(), "info": json_info(result.info)},
+                                                  indent=1) + "\n")
     logger.info("%s: final loss %.5f; heads in %s", cfg.method, result.history.loss[-1] if result.history.loss else float("nan"), hdir)
     return path

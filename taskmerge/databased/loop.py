@@ -1,19 +1,18 @@
 """The training loop shared by the data-based merging methods (AdaMerging, MDA-AM, MOMA).
 
 Every data-based method learns a few things (merging coefficients, a mask, per-task matrices) by running
-the *merged* encoder on unlabeled inputs of each task. The pieces here:
+the *merged* encoder (:class:`~taskmerge.databased.encoder.FunctionalEncoder`) on unlabeled inputs of each
+task. The pieces here:
 
-* :class:`FunctionalEncoder` — one copy of the encoder architecture holding the base weights; features are
-  computed for any parameter dict with :func:`torch.func.functional_call`, so the merged parameters
-  ``θ₀ + Σ λ τ`` (differentiable in the coefficients) are evaluated without copying the model per step.
-  Tensors absent from the dict fall back to the base weights held by the copy.
 * :class:`TensorInputs` / :class:`TokenInputs` — unlabeled inputs of one task (a tensor, or token id lists
-  padded per batch); :class:`LabeledInputs` — inputs with labels (only MDA's class means use labels).
+  tokenised once and padded per batch); :class:`LabeledInputs` — inputs with labels (only MDA-AM's
+  ``class_means="labels"`` variant uses labels).
 * :class:`TaskSampler` — seeded, reshuffled-epoch mini-batches of indices (so cached teacher features can be
   looked up by index).
-* :func:`cache_features` — features of a fixed encoder over all inputs, computed once (MOMA's teachers).
 * :func:`run_loop` — the optimisation loop: one mini-batch of every task per step, an objective supplied
-  by the method, Adam, a tqdm bar with the running loss, a loss history, hooks after each step.
+  by the method, Adam, a tqdm bar with the running loss, a :class:`History` (loss, its parts, seconds per
+  step) and hooks around each step.
+* :func:`tail_trend` — whether a loss curve was still falling at its end (the convergence flag every run reports).
 * :class:`LoopOptions` — the options every data-based method shares (steps, batch size, seed, data fraction).
 
 Reproducibility: :func:`run_loop` seeds torch's global generator and the samplers from ``seed``; the same
@@ -22,7 +21,7 @@ seed, inputs and options give the same result (on the same machine and thread co
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import math
 import time
@@ -33,14 +32,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
-from torch.func import functional_call
 
 from taskmerge.registry import MethodOptions
 
 __all__ = [
     "LoopOptions",
-    "FunctionalEncoder",
     "UnlabeledInputs",
     "TensorInputs",
     "TokenInputs",
@@ -51,16 +47,17 @@ __all__ = [
     "DataMergeResult",
     "History",
     "run_loop",
-    "cache_features",
+    "tail_trend",
+    "moving_average",
     "subset_inputs",
     "entropy",
     "entropy_scales",
     "head_logits",
     "with_weight",
-    "mean_pool_features",
     "task_vectors",
     "count_parameters",
     "changed_names",
+    "json_info",
     "parse_options_as",
 ]
 
@@ -73,6 +70,9 @@ logger = logging.getLogger(__name__)
 class LoopOptions(MethodOptions):
     """Options shared by every data-based method (each method's options class extends this one).
 
+    The defaults are AdaMerging's schedule (Yang et al. 2024, §5: 500 iterations, batch 16 per task), which
+    MDA-AM follows (MDA §5.1, App. G.1); MOMA overrides them (1000 steps, batch 24 for text).
+
     Attributes:
         steps: optimisation steps; each step sees one mini-batch of every task.
         batch_size: unlabeled inputs per task per step.
@@ -82,7 +82,7 @@ class LoopOptions(MethodOptions):
         feature_batch_size: batch size of the no-grad passes (teacher features, class means, pseudo-labels).
     """
 
-    steps: int = Field(100, ge=0)
+    steps: int = Field(500, ge=0)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     data_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -146,6 +146,10 @@ class TokenInputs:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> list[int]:
+        """Tokens per example (batches of similar lengths pad less)."""
+        return [len(r) for r in self.ids]
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = [self.ids[i] for i in indices]
         width = max(len(r) for r in rows)
@@ -174,10 +178,15 @@ class _Subset:
     def batch(self, indices: Sequence[int]) -> Any:
         return self.inner.batch([self.index[i] for i in indices])
 
+    def lengths(self) -> list[int] | None:
+        """The inner inputs' lengths of the kept examples (``None`` when the inner inputs report none)."""
+        inner = self.inner.lengths() if hasattr(self.inner, "lengths") else None
+        return None if inner is None else [inner[i] for i in self.index]
+
 
 @dataclass(frozen=True)
 class LabeledInputs:
-    """Inputs of one task with their labels (MDA-AM's class means on the validation split)."""
+    """Inputs of one task with their labels (MDA-AM's ``class_means="labels"`` variant; scoring diagnostics)."""
 
     inputs: UnlabeledInputs
     labels: torch.Tensor
@@ -282,118 +291,6 @@ def entropy_scales(heads: Sequence[Any], mode: str = "none") -> list[float]:
     return [geo / max(n, 1e-12) for n in norms]
 
 
-# ------------------------------------------------------------------------------------------------ encoder
-
-FeatureFn = Callable[[nn.Module, Mapping[str, torch.Tensor], Any], torch.Tensor]
-
-
-def _default_feature_fn(module: nn.Module, params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-    if isinstance(batch, Mapping):
-        return functional_call(module, dict(params), args=(), kwargs=dict(batch))
-    return functional_call(module, dict(params), args=(batch,))
-
-
-def mean_pool_features(normalize: bool = True) -> FeatureFn:
-    """Feature function of a Hugging Face text encoder: attention-mask-weighted mean of the last hidden
-    states, L2-normalised if ``normalize`` (the benchmark's features: the input of its linear heads)."""
-
-    def fn(module: nn.Module, params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        out = functional_call(module, dict(params), args=(), kwargs=dict(batch))
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return F.normalize(pooled, dim=-1) if normalize else pooled
-
-    return fn
-
-
-class FunctionalEncoder:
-    """An encoder evaluated functionally under any parameter dict.
-
-    Args:
-        module: a module of the encoder's architecture (deep-copied; the argument is not modified).
-        base_state_dict: the pretrained weights θ₀, loaded into the copy; tensors a parameter dict leaves out
-            take these values.
-        feature_fn: ``fn(module, params, batch) -> features (B × d)``; default: ``functional_call(module,
-            params, batch)`` (keyword arguments when ``batch`` is a mapping) — the module's output is the feature.
-        device: where the copy lives.
-    """
-
-    def __init__(self, module: nn.Module, base_state_dict: Mapping[str, torch.Tensor] | None = None,
-                 feature_fn: FeatureFn | None = None, device: torch.device | str = "cpu") -> None:
-        self.module = copy.deepcopy(module).to(device).eval()
-        if base_state_dict is not None:
-            missing, unexpected = self.module.load_state_dict(dict(base_state_dict), strict=False)
-            if unexpected:
-                raise KeyError(f"base state dict does not fit the encoder: unexpected tensors {unexpected[:5]}")
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.feature_fn = feature_fn or _default_feature_fn
-        self.device = torch.device(device)
-
-    def __call__(self, params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        """Features of ``batch`` with the tensors of ``params`` substituted (differentiable in them)."""
-        return self.feature_fn(self.module, params, _to(batch, self.device))
-
-    def many(self, params: Mapping[str, torch.Tensor], batches: Sequence[Any]) -> list[torch.Tensor]:
-        """Features of several batches under the same parameters, in one forward pass when the batches can be
-        concatenated (tensors; token dicts, right-padded with zeros under a zero attention mask), else one
-        pass each. Returns one feature tensor per batch."""
-        joined = _concat(batches)
-        if joined is None:
-            return [self(params, b) for b in batches]
-        sizes = [_batch_len(b) for b in batches]
-        return list(torch.split(self(params, joined), sizes))
-
-    @torch.no_grad()
-    def features(self, params: Mapping[str, torch.Tensor], inputs: UnlabeledInputs, batch_size: int = 64) -> torch.Tensor:
-        """Features of every input (N × d, float32, CPU), no gradient."""
-        rows = []
-        for start in range(0, len(inputs), batch_size):
-            idx = list(range(start, min(start + batch_size, len(inputs))))
-            rows.append(self(params, inputs.batch(idx)).float().cpu())
-        return torch.cat(rows) if rows else torch.empty(0)
-
-
-def _batch_len(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    return int(next(iter(batch.values())).shape[0])
-
-
-def _concat(batches: Sequence[Any]) -> Any:
-    """One batch holding all of ``batches`` (``None`` when they cannot be joined)."""
-    if len(batches) == 1:
-        return batches[0]
-    if all(isinstance(b, torch.Tensor) for b in batches):
-        shapes = {tuple(b.shape[1:]) for b in batches}
-        return torch.cat(list(batches)) if len(shapes) == 1 else None
-    if all(isinstance(b, Mapping) for b in batches):
-        keys = set(batches[0])
-        if any(set(b) != keys for b in batches) or "attention_mask" not in keys:
-            return None
-        if any(not isinstance(v, torch.Tensor) or v.ndim != 2 for b in batches for v in b.values()):
-            return None
-        width = max(int(b["attention_mask"].shape[1]) for b in batches)
-        return {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1])) for b in batches]) for k in batches[0]}
-    return None
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def cache_features(encoder: FunctionalEncoder, params: Mapping[str, torch.Tensor], inputs: UnlabeledInputs,
-                   batch_size: int = 64) -> torch.Tensor:
-    """Teacher features ``g(x; θ)`` of every input, computed once (N × d, CPU); index them with the sampler's
-    indices instead of recomputing the fine-tuned encoders at every step."""
-    return encoder.features(params, inputs, batch_size)
-
-
 def task_vectors(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapping[str, torch.Tensor]],
                  names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """``{name: stack_t(θ_t − θ₀)}`` (T × shape, float32) for floating tensors whose update is not all zero."""
@@ -413,6 +310,21 @@ def changed_names(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mappin
     return [n for n, v in base_sd.items() if v.is_floating_point() and any(not torch.equal(sd[n], v) for sd in task_sds)]
 
 
+def json_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable entries of a result's ``info`` (tensors, heads and the per-tensor λ table, which
+    the summaries replace, left out)."""
+    out = {}
+    for key, value in info.items():
+        if key == "lambdas":
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
+
+
 def count_parameters(state_dict: Mapping[str, torch.Tensor]) -> int:
     """Total number of entries of the floating tensors of a state dict."""
     return sum(v.numel() for v in state_dict.values() if v.is_floating_point())
@@ -421,30 +333,71 @@ def count_parameters(state_dict: Mapping[str, torch.Tensor]) -> int:
 # -------------------------------------------------------------------------------------------------- loop
 
 
+def moving_average(values: Sequence[float], window: int = 10) -> list[float]:
+    """Mean of the last ``window`` values at every position (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def tail_trend(loss: Sequence[float], fraction: float = 0.1, z: float = 2.0) -> dict[str, Any]:
+    """Whether a loss curve was still falling over its last ``fraction`` of steps (the convergence flag).
+
+    Definition: a least-squares line through the last ``n = max(5, ⌈fraction · steps⌉)`` per-step losses
+    gives the slope ``b`` (loss per step) and its standard error ``se(b) = s / sqrt(Σ (i − ī)²)``, with ``s``
+    the residual standard deviation (n − 2 degrees of freedom): the mini-batch noise around the line. The run
+    was **still falling** when ``b < −z · se(b)`` (``z = 2``: a fall the noise alone makes in about 2.5 % of
+    flat windows). Reported with it: ``tail_change = b · (n − 1)``, the fitted change across the window, and
+    ``total_change``, the mean of the window minus the mean of the first ``n`` steps (to read the tail's
+    change against what the whole run moved). Curves shorter than 10 steps get ``still_falling = None``.
+    """
+    steps = len(loss)
+    n = max(5, math.ceil(fraction * steps))
+    out: dict[str, Any] = {"window": n, "slope": None, "slope_se": None, "tail_change": None,
+                           "total_change": None, "still_falling": None}
+    if steps < 10:
+        return out
+    y = torch.tensor(list(loss[-n:]), dtype=torch.float64)
+    x = torch.arange(n, dtype=torch.float64)
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    resid = y - y.mean() - slope * xc
+    s = math.sqrt(float((resid * resid).sum()) / (n - 2))
+    se = s / math.sqrt(float((xc * xc).sum()))
+    out.update(slope=slope, slope_se=se, tail_change=slope * (n - 1),
+               total_change=float(y.mean()) - sum(loss[:n]) / n, still_falling=bool(slope < -z * se))
+    return out
+
+
 @dataclass
 class History:
-    """What a run recorded: per-step loss and its parts, the seconds taken, and extra per-run info."""
+    """What a run recorded: per-step loss, its parts and wall seconds, the total seconds, and extra info."""
 
     loss: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def record(self, loss: float, parts: Mapping[str, float]) -> None:
+    def record(self, loss: float, parts: Mapping[str, float], seconds: float = 0.0) -> None:
         self.loss.append(loss)
+        self.step_seconds.append(float(seconds))
         for k, v in parts.items():
             self.parts.setdefault(k, []).append(float(v))
 
+    def convergence(self) -> dict[str, Any]:
+        """:func:`tail_trend` of the loss."""
+        return tail_trend(self.loss)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "parts": self.parts, "seconds": self.seconds, **self.extra}
+        return {"loss": self.loss, "parts": self.parts, "step_seconds": self.step_seconds, "seconds": self.seconds,
+                "convergence": self.convergence(), **self.extra}
 
     def smoothed(self, window: int = 10) -> list[float]:
         """Moving average of the loss (for a compact loss curve)."""
-        out = []
-        for i in range(len(self.loss)):
-            chunk = self.loss[max(0, i - window + 1): i + 1]
-            out.append(sum(chunk) / len(chunk))
-        return out
+        return moving_average(self.loss, window)
 
 
 @dataclass
@@ -478,26 +431,28 @@ def run_loop(
     desc: str = "data-based merge",
     after_step: Callable[[int], None] | None = None,
     before_step: Callable[[int], None] | None = None,
-    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
 ) -> History:
     """Minimise ``objective`` for ``options.steps`` steps.
 
     Each step draws one mini-batch of indices per task (seeded :class:`TaskSampler`), builds the batches
     and calls ``objective(step, batches, indices) -> (loss, parts)``; then backward, an optimizer step
-    (Adam over ``param_groups`` unless ``optimizer`` is given) and ``after_step(step)`` (e.g. clamping).
-    ``before_step(step)`` runs first (e.g. refreshing a Procrustes target). The bar shows the running loss
-    (moving average over 10 steps).
+    (Adam over ``param_groups``; the fused kernel for CPU / CUDA tensors: one pass over e.g. MOMA's mask
+    instead of several) and ``after_step(step)`` (e.g.
+    clamping). ``before_step(step)`` runs first (e.g. refreshing a Procrustes target). The bar shows the
+    running loss (moving average over 10 steps); :class:`History` records every step's loss and wall seconds.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(options.seed)
     samplers = [TaskSampler(len(x), options.batch_size, options.seed * 1009 + 17 * t + 1) for t, x in enumerate(inputs)]
     groups = [dict(g) for g in param_groups if list(g["params"])]
-    opt = (optimizer or torch.optim.Adam)(groups) if groups else None
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    opt = torch.optim.Adam(groups, fused=fused or None) if groups else None
     history = History()
     start = time.perf_counter()
     bar = tqdm(range(options.steps), desc=desc, disable=not options.progress, leave=False, dynamic_ncols=True)
     for step in bar:
+        tick = time.perf_counter()
         if before_step is not None:
             before_step(step)
         indices = [next(s) for s in samplers]
@@ -512,7 +467,7 @@ def run_loop(
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
-        history.record(value, parts)
+        history.record(value, parts, time.perf_counter() - tick)
         recent = history.loss[-10:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         if (step + 1) % 25 == 0 or step == options.steps - 1:

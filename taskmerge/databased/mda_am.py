@@ -24,9 +24,14 @@ only (stop-gradients in one backward pass; ``routing="joint"`` gives the full gr
 (:class:`taskmerge.rotation.Rotation`), never a penalty alone. At deployment ``R_t`` is absorbed into the
 task's head (``W_t ← W_t R_t``), so the deployed model has the base architecture and parameter count.
 
-Labels. **The only labels used are those of the class means behind ``R_proc``: the benchmark's validation
-split** (``labeled`` argument; the MDA spec's option "true labels of the validation split, never test
-labels"). Without ``labeled`` data the class means come from pseudo-labels of the unlabeled inputs. The class
+Labels. **No label is used by default** (resolved spec, MDA.4; App. G.1: "the data-based setup leverages only
+the same unlabeled validation data as AdaMerging"). The class means behind ``R_proc`` come from pseudo-labels,
+the merged model's own predictions (under the current rotation) on the unlabeled adaptation inputs
+(``class_means="pseudo"``). ``class_means="labels"`` — class means of labelled inputs passed as ``labeled``
+(the benchmark: its validation split) — is an explicit variant, recorded as ``info["uses_labels"]`` and marked
+in every benchmark table; ``labeled`` is refused otherwise. Diagnostics (accuracy with ``R = I``, ``R_proc``
+and the learned ``R``) are not computed here: :func:`rotation_diagnostics` scores them on labelled data that
+was not used for adaptation (the benchmark: the split it did not adapt on). The class
 of each unlabeled sample in ``L_align`` is a pseudo-label (flag A6): by default the current merged model's
 prediction (``pseudo_labels="merged"``, second spec §4.2), alternatively the task's fine-tuned model's
 (``"expert"``, first spec §3).
@@ -43,13 +48,22 @@ Readings of the ambiguities (spec flags; default first, alternative as an option
   ETF of ``C = Σ_t C_t`` vertices in the feature space (:func:`taskmerge.etf.simplex_etf`), tasks occupying
   consecutive blocks, rotated by one orthogonal Procrustes onto the heads' normalised class prototypes so
   that targets point toward their own classes; ``"task_nearest"``: per task the exact simplex ETF closest to
-  the task's centred head prototypes; ``"global_random"``: the literal unanchored frame. The head applied to
-  the rotated features is the frozen task head.
+  the task's centred head prototypes; ``"global_random"``: the literal unanchored frame.
+* **Classifier (App. G.1: "aligning the classifier prototypes to the same simplex structure").**
+  ``classifier="head"`` (default): the frozen task head reads the rotated features. ``"etf"``: the task's ETF
+  targets themselves are the classifier, ``logits = s_t M*_t (R_t h)`` with bias 0 and ``s_t`` = ``etf_scale``
+  or, by default, the mean row norm of the task's head weight (the head's logit scale, so the entropy keeps
+  its temperature); deployed as that head with ``R_t`` absorbed.
 * **Procrustes (A9).** Proper rotations (Kabsch correction); the column-vector convention ``R m_c ≈ m*_c``;
   where the class means do not determine the rotation (``C_t < d``) the optimum closest to the identity
   (``procrustes_completion="identity"``; ``"svd"``: whatever the SVD returns). See :mod:`taskmerge.rotation`.
-* **Optimisation (A12).** Adam, lr 1e-3 for λ and for the rotations, batch 16 per task, ``steps`` (paper: not
-  given; spec: 500), Procrustes refresh every 25 steps.
+* **Optimisation (A12; resolved spec MDA.4, §5.1 "follow AdaMerging").** Adam, lr 1e-3 for λ and for the
+  rotations (App. G.1), batch 16 per task, 500 steps, Procrustes refresh every 25 steps.
+* **Class means of a refresh (not specified).** ``procrustes_means="batches"`` (default): the features and
+  predictions of the mini-batches the objective computed since the last refresh (25 steps × 16 inputs per
+  task, no extra forward pass); the refresh at step 0 is one no-grad pass over all adaptation inputs.
+  ``"full"``: a no-grad pass over all adaptation inputs at every refresh (exact means at the current λ and
+  R; with 1000 inputs per task it costs about as much as the training itself).
 
 Ablations (Fig. 2, Tables 9/12): ``rotation=False`` (R_t fixed to I: AdaMerging with shared layer-wise λ on the
 MDA-TA vectors) and ``parameter_alignment=False`` (start from the plain Task Arithmetic vectors instead of
@@ -61,6 +75,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -69,10 +84,11 @@ from pydantic import Field
 
 from taskmerge import linalg
 from taskmerge.databased.adamerging import CoefficientMerge, _check_inputs
+from taskmerge.databased.encoder import FunctionalEncoder
 from taskmerge.databased.loop import (
     DataMergeResult,
-    FunctionalEncoder,
     LabeledInputs,
+    LinearHead,
     LoopOptions,
     changed_names,
     entropy,
@@ -84,12 +100,14 @@ from taskmerge.databased.loop import (
     task_vectors,
     with_weight,
 )
+from taskmerge.errors import OptionError
 from taskmerge.etf import helmert_basis, simplex_etf
 from taskmerge.registry import LayerContext
 from taskmerge.rotation import Rotation, procrustes
 from taskmerge.selection import TensorClass, TensorPolicy
 
-__all__ = ["MDAAMOptions", "mda_am", "mda_task_blocks", "etf_targets", "class_means"]
+__all__ = ["MDAAMOptions", "mda_am", "mda_am_loss", "mda_task_blocks", "etf_targets", "etf_heads", "class_means",
+           "rotation_diagnostics"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +129,11 @@ class MDAAMOptions(LoopOptions):
     etf_targets: Literal["global_anchored", "task_nearest", "global_random"] = "global_anchored"
     etf_seed: int = 0
     pseudo_labels: Literal["merged", "expert"] = "merged"
+    class_means: Literal["pseudo", "labels"] = Field(
+        "pseudo", description="R_proc's class means: pseudo-labels of the unlabeled inputs, or labelled inputs (variant)")
+    classifier: Literal["head", "etf"] = Field("head", description="the frozen task head, or the task's ETF targets (App. G.1)")
+    etf_scale: float | None = Field(None, gt=0, description="logit scale of the ETF classifier (default: the head's mean row norm)")
+    procrustes_means: Literal["batches", "full"] = "batches"
     procrustes_every: int = Field(25, ge=1)
     procrustes_completion: Literal["identity", "svd"] = "identity"
     routing: Literal["split", "joint"] = "split"
@@ -235,6 +258,81 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return means, present
 
 
+# ----------------------------------------------------------------------------------------- the objective
+
+
+def etf_heads(heads: Sequence[Any], targets: Sequence[torch.Tensor], scale: float | None = None) -> list[Any]:
+    """The ETF classifier of every task (App. G.1): weight ``s_t M*_t`` (the task's ETF targets), bias 0, with
+    ``s_t = scale`` or the mean row norm of the task's head weight. Same head class where possible."""
+    out = []
+    for head, m in zip(heads, targets):
+        s = float(scale) if scale is not None else float(head.weight.detach().float().norm(dim=1).mean())
+        weight, bias = (s * m).to(head.weight.dtype), torch.zeros(m.shape[0], dtype=head.weight.dtype)
+        try:
+            out.append(replace(head, weight=weight, bias=bias))
+        except TypeError:
+            out.append(LinearHead(weight, bias))
+    return out
+
+
+def mda_am_loss(
+    features: Sequence[torch.Tensor],
+    heads: Sequence[Any],
+    rotations: torch.Tensor | None,
+    targets: Sequence[torch.Tensor],
+    r_proc: Sequence[torch.Tensor],
+    *,
+    alpha: float,
+    beta: float,
+    routing: str = "split",
+    scales: Sequence[float] | None = None,
+    labels: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+    """MDA-AM's objective, Eq. 6 = Eq. 7 + α Eq. 8 + β Eq. 9, with Alg. 2's gradient routing.
+
+    * ``L_entropy = Σ_t mean_i H(softmax(s_t W_t R_t h_i + b_t))`` (Eq. 7, the task heads on rotated features);
+    * ``L_align = Σ_t mean_i ‖R_t h_i / ‖R_t h_i‖ − m*_{y_i}‖²`` (Eq. 8) with ``y_i`` = ``labels`` (expert
+      pseudo-labels) or the prediction of the rotated logits;
+    * ``L_rotation = Σ_t ‖R_t − R_proc^t‖_F²`` (Eq. 9).
+
+    ``routing="split"`` (Alg. 2 lines 10–11): ``L_entropy`` sees ``R_t`` detached and ``L_align`` sees ``h``
+    detached, so the features (hence λ) get gradient from ``L_entropy`` only and ``R_t`` from
+    ``α L_align + β L_rotation`` only. ``"joint"``: every term reaches everything it depends on.
+    ``rotations=None`` is the "w/o rotation" ablation (``L_entropy`` of the heads on ``h``, nothing else).
+
+    Args:
+        features: per task, the merged encoder's features ``h`` of a batch (B × d).
+        heads: per task, the classifier (``weight`` C_t × d, optional ``bias``).
+        rotations: ``R`` (T × d × d) or ``None``.
+        targets: per task, the ETF vertices of its classes (C_t × d, unit rows).
+        r_proc: per task, the current Procrustes rotation.
+        scales: per task, a factor on the logits inside the entropy (default 1).
+    Returns:
+        The loss, its parts (``entropy``, ``align``, ``rotation``) and each task's predictions (B,).
+    """
+    zero = torch.zeros((), dtype=features[0].dtype, device=features[0].device)
+    l_ent, l_align, l_rot = zero, zero, zero
+    preds = []
+    for t, h in enumerate(features):
+        if rotations is None:
+            z = head_logits(heads[t], h)
+        else:
+            r = rotations[t] if routing == "joint" else rotations[t].detach()
+            z = head_logits(heads[t], h @ r.T)
+        l_ent = l_ent + entropy(z if scales is None else scales[t] * z).mean()
+        yhat = z.detach().argmax(-1)
+        preds.append(yhat)
+        if rotations is not None:
+            y = labels[t] if labels is not None else yhat
+            hd = h if routing == "joint" else h.detach()
+            hr = _unit_rows(hd @ rotations[t].T)
+            l_align = l_align + (hr - targets[t].to(hr.dtype)[y]).pow(2).sum(-1).mean()
+            l_rot = l_rot + (rotations[t] - r_proc[t].to(rotations.dtype)).pow(2).sum()
+    loss = l_ent + alpha * l_align + beta * l_rot
+    parts = {"entropy": float(l_ent.detach()), "align": float(l_align.detach()), "rotation": float(l_rot.detach())}
+    return loss, parts, preds
+
+
 # ---------------------------------------------------------------------------------------------- the method
 
 
@@ -254,24 +352,29 @@ def mda_am(
     Args:
         base_sd, task_sds, heads, unlabeled_inputs, encoder: as :func:`taskmerge.databased.adamerging.adamerging`.
         options: :class:`MDAAMOptions` or a mapping of its fields.
-        labeled: per task, labelled inputs for the class means of ``R_proc`` — the **validation split** on the
-            benchmark (the only labels MDA-AM sees); ``None``: pseudo-labels of the unlabeled inputs.
+        labeled: per task, labelled inputs for the class means of ``R_proc``; only with
+            ``class_means="labels"`` (an error otherwise: by default MDA-AM reads no label).
         start_vector: the merged update to start from with ``granularity="layer"`` (default: MDA-TA's,
             computed here with ``mda_options``; Task Arithmetic's sum with ``parameter_alignment=False``).
 
     Returns:
         :class:`~taskmerge.databased.loop.DataMergeResult` with the merged encoder and the heads with ``R_t``
-        absorbed (``W_t R_t``); ``info`` holds the λ, the rotations' distance to I and to ``R_proc`` and
-        validation-split diagnostics (accuracy with ``R = I``, ``R_proc`` and the learned ``R``).
+        absorbed (``W_t R_t``; the ETF classifier's with ``classifier="etf"``); ``info`` holds the λ, the
+        rotations, ``R_proc``, their distances, the classifier heads before absorption and ``uses_labels``.
     """
     opts = parse_options_as(MDAAMOptions, options, "mda_am")
     T = len(task_sds)
     inputs = _check_inputs(heads, unlabeled_inputs, T)
     inputs = [subset_inputs(x, opts.data_fraction, opts.seed + t) for t, x in enumerate(inputs)]
+    if opts.class_means == "labels":
+        if labeled is None or len(labeled) != T:
+            raise OptionError(f"mda_am: option class_means='labels' needs labelled inputs for each of the {T} tasks "
+                              f"(got {'none' if labeled is None else len(labeled)})")
+    elif labeled is not None:
+        raise OptionError("mda_am: labelled inputs are read only with option class_means='labels'; the default "
+                          "'pseudo' uses no label")
     counts = [int(h.weight.shape[0]) for h in heads]
     dim = int(heads[0].weight.shape[1])
-    if labeled is not None and len(labeled) != T:
-        raise ValueError(f"{T} tasks but {len(labeled)} labelled sets")
 
     # -- the vectors λ multiplies
     mda_opts = {"num_classes": counts, **opts.mda_options}
@@ -290,14 +393,13 @@ def mda_am(
     init = 1.0 / T if opts.init_lambda == "1/T" else float(opts.init_lambda)
     merge = CoefficientMerge(base_sd, vectors, "layer", init)
 
-    scales = entropy_scales(heads, opts.entropy_scaling)
-
-    # -- rotations, ETF targets, pseudo-labels
-    rot = Rotation(dim, opts.parametrization, count=T)
+    # -- classifier, rotations, ETF targets, pseudo-labels
     targets = etf_targets(heads, opts.etf_targets, opts.etf_seed)
+    classifiers = list(heads) if opts.classifier == "head" else etf_heads(heads, targets, opts.etf_scale)
+    scales = entropy_scales(classifiers, opts.entropy_scaling)
+    rot = Rotation(dim, opts.parametrization, count=T)
     eye = torch.eye(dim)
     r_proc = [eye.clone() for _ in range(T)]
-    names = list(vectors)
     expert_labels: list[torch.Tensor] | None = None
     if opts.rotation and opts.pseudo_labels == "expert":
         expert_labels = []
@@ -305,53 +407,48 @@ def mda_am(
         for t in range(T):
             feats = encoder.features({n: task_sds[t][n] for n in changed}, inputs[t], opts.feature_batch_size)
             expert_labels.append(head_logits(heads[t], feats).argmax(-1))
+    from_batches = opts.rotation and opts.class_means == "pseudo" and opts.procrustes_means == "batches"
+    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(T)]
 
-    def mean_sources(params: Mapping[str, torch.Tensor], rotations: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per task: features and labels whose class means define R_proc (validation labels if given)."""
+    def full_pass(rotations: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per task: features and labels of a no-grad pass (labelled inputs, or pseudo-labels of the
+        unlabeled ones under the current rotation)."""
+        params = merge()
         out = []
         for t in range(T):
-            if labeled is not None:
+            if opts.class_means == "labels":
                 feats = encoder.features(params, labeled[t].inputs, opts.feature_batch_size)
                 out.append((feats, labeled[t].labels.long()))
             else:
                 feats = encoder.features(params, inputs[t], opts.feature_batch_size)
-                out.append((feats, head_logits(heads[t], feats @ rotations[t].T).argmax(-1)))
+                out.append((feats, head_logits(classifiers[t], feats @ rotations[t].T).argmax(-1)))
         return out
 
     def refresh(step: int) -> None:
         if not opts.rotation or step % opts.procrustes_every:
             return
         with torch.no_grad():
-            sources = mean_sources(merge(), rot.matrix())
+            if from_batches and step > 0:
+                sources = [(torch.cat([f for f, _ in s]), torch.cat([y for _, y in s])) for s in seen]
+            else:
+                sources = full_pass(rot.matrix())
             for t, (feats, labels) in enumerate(sources):
                 means, present = class_means(feats, labels, counts[t])
                 if len(present):
                     r_proc[t] = procrustes(means, targets[t][present], completion=opts.procrustes_completion)
+                seen[t].clear()
 
     def objective(step: int, batches: list[Any], indices: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
-        params = merge()
+        feats = encoder.step_features(batches, merge)
         rotations = rot() if opts.rotation else None
-        l_ent = torch.zeros(())
-        l_align = torch.zeros(())
-        l_rot = torch.zeros(())
-        for t, h in enumerate(encoder.many(params, batches)):
-            if rotations is None:
-                z = head_logits(heads[t], h)
-            else:
-                r = rotations[t] if opts.routing == "joint" else rotations[t].detach()
-                z = head_logits(heads[t], h @ r.T)
-            l_ent = l_ent + entropy(scales[t] * z).mean()
-            if rotations is not None:
-                if expert_labels is not None:
-                    yhat = expert_labels[t][torch.as_tensor(indices[t])]
-                else:
-                    yhat = z.detach().argmax(-1)
-                hd = h if opts.routing == "joint" else h.detach()
-                hr = _unit_rows(hd @ rotations[t].T)
-                l_align = l_align + (hr - targets[t][yhat]).pow(2).sum(-1).mean()
-                l_rot = l_rot + (rotations[t] - r_proc[t]).pow(2).sum()
-        loss = l_ent + opts.alpha * l_align + opts.beta * l_rot
-        return loss, {"entropy": float(l_ent.detach()), "align": float(l_align.detach()), "rotation": float(l_rot.detach())}
+        labels = ([expert_labels[t][torch.as_tensor(indices[t])] for t in range(T)]
+                  if expert_labels is not None else None)
+        loss, parts, preds = mda_am_loss(feats, classifiers, rotations, targets, r_proc, alpha=opts.alpha,
+                                         beta=opts.beta, routing=opts.routing, scales=scales, labels=labels)
+        if from_batches:
+            for t in range(T):
+                seen[t].append((feats[t].detach().float(), preds[t]))
+        return loss, parts
 
     def clamp(step: int) -> None:
         if opts.lambda_min is not None or opts.lambda_max is not None:
@@ -363,39 +460,43 @@ def mda_am(
         groups.append({"params": [rot.weight], "lr": opts.rotation_lr})
     history = run_loop(objective, groups, inputs, opts, desc="mda_am", before_step=refresh, after_step=clamp)
 
-    # -- deploy: absorb R_t into the heads
+    # -- deploy: absorb R_t into the classifier
     rotations = rot.matrix() if opts.rotation else torch.stack([eye] * T)
-    new_heads = [with_weight(h, h.weight.float() @ rotations[t]) for t, h in enumerate(heads)]
+    new_heads = [with_weight(h, h.weight.float() @ rotations[t]) for t, h in enumerate(classifiers)]
     state = merge.state_dict_merged(base_sd)
     info: dict[str, Any] = {
         "lambdas": merge.table(),
         "lambda_mean": float(merge.lambdas.detach().mean()),
         "vectors_per_tensor": num_vec,
+        "uses_labels": opts.class_means == "labels",
+        "classifier_heads": classifiers,
         "rotations": rotations.clone(),
         "procrustes_rotations": torch.stack(r_proc),
         "rotation_distance_to_identity": [float((rotations[t] - eye).norm()) for t in range(T)],
         "rotation_distance_to_procrustes": [float((rotations[t] - r_proc[t]).norm()) for t in range(T)],
         "options": opts.model_dump(),
     }
-    if opts.rotation:
-        info["diagnostics"] = _diagnostics(encoder, state, names, heads, rotations, r_proc, labeled, opts)
     return DataMergeResult(state, new_heads, history, info)
 
 
 @torch.no_grad()
-def _diagnostics(encoder: FunctionalEncoder, state: Mapping[str, torch.Tensor], names: Sequence[str],
-                 heads: Sequence[Any], rotations: torch.Tensor, r_proc: Sequence[torch.Tensor],
-                 labeled: Sequence[LabeledInputs] | None, opts: MDAAMOptions) -> dict[str, Any]:
-    """Accuracy on the labelled (validation) inputs with R = I, R = R_proc and the learned R (the spec's
-    sanity check that R_proc does not scramble predictions)."""
-    if labeled is None:
-        return {}
-    params = {n: state[n] for n in names}
-    out: dict[str, list[float]] = {"val_acc_identity": [], "val_acc_procrustes": [], "val_acc_learned": []}
+def rotation_diagnostics(encoder: FunctionalEncoder, state: Mapping[str, torch.Tensor], heads: Sequence[Any],
+                         rotations: torch.Tensor, r_proc: torch.Tensor | Sequence[torch.Tensor],
+                         labeled: Sequence[LabeledInputs], batch_size: int = 64) -> dict[str, list[float]]:
+    """Accuracy per task with ``R = I``, ``R = R_proc`` and the learned ``R`` (the spec's check that ``R_proc``
+    does not scramble predictions), on labelled inputs that were **not** used for adaptation.
+
+    Args:
+        encoder: the encoder; ``state`` the merged state dict (``result.state_dict``).
+        heads: the classifiers before the rotations were absorbed (``result.info["classifier_heads"]``).
+        rotations, r_proc: ``result.info["rotations"]`` and ``["procrustes_rotations"]``.
+        labeled: per task, held-out labelled inputs.
+    """
+    out: dict[str, list[float]] = {"acc_identity": [], "acc_procrustes": [], "acc_learned": []}
     for t, lab in enumerate(labeled):
-        feats = encoder.features(params, lab.inputs, opts.feature_batch_size)
+        feats = encoder.features(state, lab.inputs, batch_size)
         y = lab.labels.long()
-        for key, r in (("val_acc_identity", torch.eye(feats.shape[1])), ("val_acc_procrustes", r_proc[t]),
-                       ("val_acc_learned", rotations[t])):
+        for key, r in (("acc_identity", torch.eye(feats.shape[1])), ("acc_procrustes", r_proc[t]),
+                       ("acc_learned", rotations[t])):
             out[key].append(float((head_logits(heads[t], feats @ r.T).argmax(-1) == y).float().mean()))
     return out

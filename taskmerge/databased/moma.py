@@ -25,8 +25,11 @@ Readings (spec §10; default first, alternative as an option):
 * ``τ_agg`` and λ: the base method's own merged update (:func:`taskmerge.merge.merged_task_vector`) and its
   λ (``lam``; the benchmark passes the λ the base chose on validation; default: the method's default λ);
   WA is the registry's mean of the task vectors at λ = 1 (= Σ τ_t at λ = 1/T);
-* init: ``S = 3`` (σ ≈ 0.95), ``A_t = I``; optimiser Adam, lr 0.1 for S, 5e-4 for A_t (the paper's NLP
-  value; 1e-3 for vision), batch 24 per task per step (NLP; 16 for vision), ``steps`` (not given; spec 1000);
+* init: ``S = 3`` (σ ≈ 0.95), ``A_t = I``; schedule (App. B.3): Adam, lr 0.1 for S, and by ``domain`` —
+  ``"nlp"`` (default): lr 5e-4 for A_t, batch 24 per task per step; ``"cv"``: lr 1e-3, batch 16 (an explicit
+  ``matrix_lr`` / ``batch_size`` wins). Steps are not given; 1000 by default (spec; ≥ the 500 iterations
+  of AdaMerging and Surgery on the same checkpoints). The paper adapts on the unlabeled **test** inputs
+  (Table 5: 10 / 50 / 100 % of them, ``data_fraction``);
 * mask scope: every tensor with a non-zero ``τ_agg`` (``mask_scope="matrices"``: 2-D weights only);
 * final mask: the continuous ``σ(S)`` (``final_mask="soft"``), or binarised at 0.5 (``"binary"``), or a
   given masking rate ``mask_rate`` (the ``rate`` fraction of entries with the smallest ``S`` set to 0, the
@@ -44,16 +47,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from taskmerge import linalg
 from taskmerge.databased.adamerging import _check_inputs
+from taskmerge.databased.encoder import FunctionalEncoder, cache_features
 from taskmerge.databased.loop import (
     DataMergeResult,
-    FunctionalEncoder,
     LoopOptions,
-    cache_features,
     changed_names,
     count_parameters,
     head_logits,
@@ -64,11 +66,12 @@ from taskmerge.databased.loop import (
 )
 from taskmerge.rotation import exp_rotation
 
-__all__ = ["MOMAOptions", "MaskedMerge", "moma", "absorb_alignment", "assert_base_size"]
+__all__ = ["MOMAOptions", "MaskedMerge", "moma", "moma_loss", "absorb_alignment", "assert_base_size"]
 
 logger = logging.getLogger(__name__)
 
 BASES = ("weight_averaging", "task_arithmetic", "ties")
+SCHEDULES = {"nlp": (5e-4, 24), "cv": (1e-3, 16)}  # App. B.3: (lr of A_t, batch per task) for text / vision
 
 
 class MOMAOptions(LoopOptions):
@@ -80,8 +83,10 @@ class MOMAOptions(LoopOptions):
     variant: Literal["moma", "orthogonal", "linear_mask"] = "moma"
     alpha: float = Field(1.0, ge=0, description="weight of ‖A_tᵀA_t − I‖_F")
     beta: float = Field(5e-9, ge=0, description="weight of Σ σ(S)²")
+    domain: Literal["nlp", "cv"] = Field("nlp", description="App. B.3's schedule: nlp = A_t lr 5e-4, batch 24; cv = 1e-3, 16")
+    steps: int = Field(1000, ge=0)
     mask_lr: float = Field(0.1, gt=0)
-    matrix_lr: float = Field(5e-4, gt=0)
+    matrix_lr: float = Field(5e-4, gt=0, description="lr of A_t (default: by domain)")
     mask_init: float = 3.0
     mask_scope: Literal["all", "matrices"] = "all"
     distance: Literal["l2", "squared"] = "l2"
@@ -89,7 +94,20 @@ class MOMAOptions(LoopOptions):
     final_mask: Literal["soft", "binary"] = "soft"
     mask_rate: float | None = Field(None, ge=0.0, lt=1.0, description="binarise keeping the top (1 − rate) of S")
     polar_before_absorb: bool = False
-    batch_size: int = Field(24, ge=1)
+    batch_size: int = Field(24, ge=1, description="inputs per task per step (default: by domain)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule(cls, data: Any) -> Any:
+        """Fill ``matrix_lr`` and ``batch_size`` left out (or ``None``) from ``domain`` (App. B.3)."""
+        if isinstance(data, Mapping):
+            data = dict(data)
+            lr, batch = SCHEDULES.get(data.get("domain", "nlp"), SCHEDULES["nlp"])
+            if data.get("matrix_lr") is None:
+                data["matrix_lr"] = lr
+            if data.get("batch_size") is None:
+                data["batch_size"] = batch
+        return data
 
 
 class MaskedMerge(nn.Module):
@@ -99,22 +117,30 @@ class MaskedMerge(nn.Module):
                  masked: Sequence[str], init: float = 3.0) -> None:
         super().__init__()
         self.base = {n: base_sd[n] for n in tau}
-        self.tau = {n: t.float() for n, t in tau.items()}
         self.lam = float(lam)
+        self.scaled = {n: self.lam * t.float() for n, t in tau.items()}  # λ τ_agg, computed once
         self.masked = [n for n in tau if n in set(masked)]
-        self.logits = nn.ParameterList([nn.Parameter(torch.full_like(self.tau[n], float(init))) for n in self.masked])
+        self.logits = nn.ParameterList([nn.Parameter(torch.full_like(self.scaled[n], float(init))) for n in self.masked])
         self._index = {n: i for i, n in enumerate(self.masked)}
+        # tensors no mask touches are constant during training: merged once, not at every step
+        self._fixed = {n: (self.base[n].float() + v).to(self.base[n].dtype) for n, v in self.scaled.items()
+                       if n not in self._index}
 
-    def mask(self, name: str) -> torch.Tensor | None:
-        i = self._index.get(name)
-        return None if i is None else torch.sigmoid(self.logits[i])
-
-    def forward(self, use_mask: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, use_mask: bool = True, rows: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The merged tensors; for a tensor named in ``rows`` only those rows (a compacted embedding table)."""
         out = {}
-        for name, tau in self.tau.items():
-            m = self.mask(name) if use_mask else None
-            update = tau if m is None else m * tau
-            out[name] = (self.base[name].float() + self.lam * update).to(self.base[name].dtype)
+        for name, scaled in self.scaled.items():
+            ids = rows.get(name) if rows else None
+            base = self.base[name]
+            i = self._index.get(name)
+            if i is None or not use_mask:
+                merged = self._fixed[name] if i is None else (base.float() + scaled).to(base.dtype)
+                out[name] = merged if ids is None else merged.index_select(0, ids)
+                continue
+            logits = self.logits[i]
+            if ids is not None:
+                base, scaled, logits = base.index_select(0, ids), scaled.index_select(0, ids), logits.index_select(0, ids)
+            out[name] = (base.float() + torch.sigmoid(logits) * scaled).to(base.dtype)
         return out
 
     def penalty(self) -> torch.Tensor:
@@ -145,14 +171,43 @@ class MaskedMerge(nn.Module):
         """The deployed state dict ``θ_b + λ M ⊙ τ_agg`` (every key of ``base_sd``, base dtypes)."""
         out = {}
         for name, base in base_sd.items():
-            tau = self.tau.get(name)
-            if tau is None:
+            scaled = self.scaled.get(name)
+            if scaled is None:
                 out[name] = base.clone()
                 continue
             m = masks.get(name)
-            update = tau if m is None else m * tau
-            out[name] = (base.float() + self.lam * update).to(base.dtype)
+            out[name] = (base.float() + (scaled if m is None else m * scaled)).to(base.dtype)
         return out
+
+
+def moma_loss(features: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], matrices: torch.Tensor, *,
+              alpha: float, distance: str = "l2", mask_penalty: torch.Tensor | None = None, beta: float = 0.0
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """MOMA's objective, Eq. 10 (plus B.3's L2 term on the mask):
+
+        Σ_t mean_x ‖A_t g_t(x) − g(x; θ_t)‖₂ + α Σ_t ‖A_tᵀ A_t − I‖_F + β Σ σ(S)²
+
+    Args:
+        features: per task, the merged encoder's features ``g(x; θ_b + λ σ(S) ⊙ τ_agg)`` of a batch (B × d).
+        teachers: per task, the fine-tuned encoder's features of the same inputs (B × d).
+        matrices: ``A`` (T × d × d); features are rows, so ``A_t g`` is ``g @ A_tᵀ``.
+        alpha: weight of the orthogonality term (0: not computed).
+        distance: ``"l2"`` (the norm, as Eq. 10 writes it) or ``"squared"``.
+        mask_penalty: ``Σ σ(S)²`` (``None``: no mask).
+        beta: its weight.
+    Returns the loss and its parts (``align``, ``ortho``, ``mask_l2``).
+    """
+    align = torch.zeros((), dtype=features[0].dtype, device=features[0].device)
+    ortho = torch.zeros_like(align)
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    for t, (g, target) in enumerate(zip(features, teachers)):
+        dist = (g @ matrices[t].T - target.to(g.dtype)).pow(2).sum(-1)
+        align = align + (dist if distance == "squared" else dist.clamp_min(1e-12).sqrt()).mean()
+        if alpha:
+            ortho = ortho + (matrices[t].T @ matrices[t] - eye).norm()
+    reg = mask_penalty if mask_penalty is not None else torch.zeros_like(align)
+    loss = align + alpha * ortho + beta * reg
+    return loss, {"align": float(align.detach()), "ortho": float(ortho.detach()), "mask_l2": float(reg.detach())}
 
 
 def absorb_alignment(head: Any, matrix: torch.Tensor) -> Any:
@@ -234,21 +289,11 @@ def moma(
     eye = torch.eye(dim)
 
     def objective(step: int, batches: list[Any], indices: list[list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
-        params = merge(use_mask)
-        a = matrices()
-        align = torch.zeros(())
-        ortho = torch.zeros(())
-        for t, g in enumerate(encoder.many(params, batches)):
-            target = teachers[t][torch.as_tensor(indices[t])].to(g.dtype)
-            diff = g @ a[t].T - target
-            dist = diff.pow(2).sum(-1)
-            align = align + (dist if opts.distance == "squared" else dist.clamp_min(1e-12).sqrt()).mean()
-            if alpha:
-                ortho = ortho + (a[t].T @ a[t] - eye).norm()
-        loss = align + alpha * ortho
-        reg = merge.penalty() if (use_mask and opts.beta) else torch.zeros(())
-        loss = loss + opts.beta * reg
-        return loss, {"align": float(align.detach()), "ortho": float(ortho.detach()), "mask_l2": float(reg.detach())}
+        feats = encoder.step_features(batches, lambda rows: merge(use_mask, rows))
+        targets = [teachers[t][torch.as_tensor(indices[t])] for t in range(T)]
+        penalty = merge.penalty() if (use_mask and opts.beta) else None
+        return moma_loss(feats, targets, matrices(), alpha=alpha, distance=opts.distance, mask_penalty=penalty,
+                         beta=opts.beta)
 
     groups = [{"params": [raw], "lr": opts.matrix_lr}]
     if use_mask:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from taskmerge.databased.loop import FunctionalEncoder, LinearHead, TensorInputs, TokenInputs, mean_pool_features
+from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
+from taskmerge.databased.loop import LinearHead, TensorInputs, TokenInputs
 
 
 @pytest.fixture(autouse=True)
