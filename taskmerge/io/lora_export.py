@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from taskmerge import linalg
 from taskmerge.errors import CheckpointError, OptionError, OutputError, option_hint
 from taskmerge.io.peft import ADAPTER_CONFIG, PEFT_PREFIX
-from taskmerge.io.writers import check_replaceable, os_error_reason, write_manifest
+from taskmerge.io.writers import make_output_parent, check_replaceable, os_error_reason, write_manifest
 
 __all__ = ["LoraExportReport", "LoraAdapterWriter", "lora_factors"]
 
@@ -199,7 +199,7 @@ class LoraAdapterWriter:
             raise CheckpointError(f"{self.output}: nothing to write (the merge changed no LoRA-targetable matrix)")
         tmp: Path | None = None
         try:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
+            make_output_parent(self.output)
             tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
             final = tmp / "out"
             final.mkdir()

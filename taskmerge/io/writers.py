@@ -69,6 +69,7 @@ __all__ = [
     "MANIFEST_NAME",
     "check_replaceable",
     "copy_non_weight_files",
+    "make_output_parent",
     "os_error_reason",
     "partial_path",
     "request_digest",
@@ -148,6 +149,14 @@ def check_replaceable(output: Path) -> None:
             f"{output}: holds files taskmerge did not write ({shown}); overwrite replaces only a folder taskmerge "
             "wrote: move them away or choose another output folder"
         )
+
+
+def make_output_parent(output: Path) -> None:
+    """Create ``output``'s parent folders; a file in the way is an :class:`OutputError` naming it."""
+    above = next((p for p in output.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"{above}: is a file, not a folder; cannot write the output {output} below it")
+    output.parent.mkdir(parents=True, exist_ok=True)
 
 
 def partial_path(output: str | Path) -> Path:
@@ -333,7 +342,7 @@ class CheckpointWriter:
                 if not overwrite:
                     raise OutputError(f"{self.output}: output already exists ({option_hint('overwrite')} replaces it)")
                 check_replaceable(self.output)
-            self.output.parent.mkdir(parents=True, exist_ok=True)
+            make_output_parent(self.output)
             if self.request is not None:
                 created = not self._tmp.exists()
                 self._open_partial(overwrite)
