@@ -8,7 +8,13 @@ merge never holds T whole models in memory. Methods with a model-level statistic
 statistics pass over all tensors.
 
 Entry points: :func:`merged_task_vector` / :func:`apply_task_vector` for in-memory state dicts (the
-benchmark's λ sweeps), and :func:`merge_checkpoints` for files and folders (the CLI).
+benchmark's λ sweeps), :func:`merge_checkpoints` for files and folders (the CLI), and
+:func:`merge_to_lora` for a merge written as a PEFT LoRA adapter (:mod:`taskmerge.io.lora_export`).
+
+What is written is checked, not only the task updates: λ must be finite, and every output tensor
+(``θ₀ + λ·τ`` after the cast to the output dtype) must be finite, else the merge fails naming the tensor
+and leaves no output (an overflow such as ``λ = 1e30`` with float16 output). NaN / Inf in an input is
+blamed on the file that holds it: the base model's file when the base tensor is not finite.
 
 :func:`merge_checkpoints` streams end to end: safetensors inputs are read tensor by tensor with
 ``pread`` (:mod:`taskmerge.io.streaming`; no memory map keeps read pages resident), the output's shards
@@ -24,7 +30,9 @@ on it (see the executors' note on SVDs and intra-op threads).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +41,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from taskmerge.errors import CheckpointError, OptionError
+from taskmerge.errors import CheckpointError, OptionError, option_hint
 from taskmerge.executors import Executor, SerialExecutor, make_executor
+from taskmerge.io.lora_export import LoraAdapterWriter, LoraExportReport
 from taskmerge.io.readers import DictSource, TensorSource, open_checkpoint
 from taskmerge.io.streaming import streaming_source
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES, CheckpointWriter
 from taskmerge.linalg import LowRank
+from taskmerge.linear_stream import stream_linear
+from taskmerge.model_card import output_files
 from taskmerge.registry import AnotherPass, LayerContext, MethodOptions, MethodSpec, get_method
 from taskmerge.selection import TensorClass, TensorPolicy
 from taskmerge.workspace import StackPool
 
 __all__ = ["MergeRequest", "TensorMerger", "iter_merged", "merged_task_vector", "apply_task_vector", "merge_checkpoints",
-           "input_identity"]
+           "merge_to_lora", "input_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +64,13 @@ _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """A resolved merge: the method, its validated options and how tensors are treated."""
+    """A resolved merge: the method, its validated options and how tensors are treated.
+
+    ``weights`` (one per fine-tuned model, ``None``: all 1) multiply each task update before the method sees
+    it (MergeKit's ``parameters.weight``; the method also gets them as ``LayerContext.weights``).
+    ``cast_inputs`` accepts fine-tuned tensors stored in another floating dtype than the base's (every tensor
+    is read in the compute dtype anyway).
+    """
 
     spec: MethodSpec
     options: MethodOptions
@@ -61,6 +78,8 @@ class MergeRequest:
     compute_dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
     seed: int = 0
+    weights: tuple[float, ...] | None = None
+    cast_inputs: bool = False
 
     @classmethod
     def build(
@@ -72,9 +91,15 @@ class MergeRequest:
         compute_dtype: str | torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        weights: Sequence[float] | None = None,
+        cast_inputs: bool = False,
     ) -> MergeRequest:
-        """Validate a method name, its options, the compute dtype and the device."""
+        """Validate a method name, its options, the compute dtype, the device and the weights."""
         spec = get_method(method)
+        if weights is not None:
+            weights = tuple(float(w) for w in weights)
+            if not all(math.isfinite(w) for w in weights):
+                raise OptionError(f"option weights: every weight must be a finite number, got {list(weights)}")
         if isinstance(compute_dtype, str):
             if compute_dtype not in _COMPUTE_DTYPES:
                 raise OptionError(f"option compute_dtype: expected one of {sorted(_COMPUTE_DTYPES)}, got {compute_dtype!r}")
@@ -85,11 +110,12 @@ class MergeRequest:
             raise OptionError(f"option device: invalid device {device!r}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise OptionError("option device: 'cuda' requested but no CUDA device is available")
-        return cls(spec, spec.parse(options), policy or TensorPolicy(), compute_dtype, dev, seed)
+        return cls(spec, spec.parse(options), policy or TensorPolicy(), compute_dtype, dev, seed, weights, cast_inputs)
 
 
-def _check_sources(base: TensorSource, tasks: Sequence[TensorSource]) -> list[str]:
-    """Check names, shapes and dtypes before any work; returns the base's tensor names."""
+def _check_sources(base: TensorSource, tasks: Sequence[TensorSource], cast_inputs: bool = False) -> list[str]:
+    """Check names, shapes and dtypes (floating dtypes may differ with ``cast_inputs``) before any work;
+    returns the base's tensor names."""
     if not tasks:
         raise OptionError("a merge needs at least one fine-tuned model")
     names = base.keys()
@@ -104,9 +130,11 @@ def _check_sources(base: TensorSource, tasks: Sequence[TensorSource]) -> list[st
                 raise CheckpointError(
                     f"{src.location(name)}: tensor {name!r} has shape {list(t_shape)}, base has {list(b_shape)}"
                 )
-            if t_dtype != b_dtype:
+            if t_dtype != b_dtype and not (cast_inputs and t_dtype.is_floating_point and b_dtype.is_floating_point):
                 raise CheckpointError(
                     f"{src.location(name)}: tensor {name!r} has dtype {t_dtype}, base has {b_dtype}"
+                    + (f" (pass {option_hint('cast_inputs')} to read both in the compute dtype)"
+                       if t_dtype.is_floating_point and b_dtype.is_floating_point else "")
                 )
         extra = have.difference(names)
         if extra:
@@ -124,10 +152,12 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], req: MergeRequest,
-                  pool: StackPool | None = None) -> torch.Tensor:
+                  pool: StackPool | None = None, base_location: str = "base model") -> torch.Tensor:
     """Stack ``Δ_t = θ_t − θ₀`` for one tensor, in the compute dtype, checking for NaN / Inf.
 
-    With ``pool`` the stack is one of its buffers (the caller gives it back once merged).
+    With ``pool`` the stack is one of its buffers (the caller gives it back once merged). A non-finite
+    update is blamed on ``base_location`` (the base's file) when θ₀ itself is not finite, else on the
+    fine-tuned model's file.
 
     A source that knows its update exactly (a PEFT adapter: ``task_update(name, dtype)`` returns
     ``scale·B A``) supplies it directly instead of the rounded difference ``θ_t − θ₀``. Memory: the
@@ -145,7 +175,11 @@ def _task_updates(name: str, base: torch.Tensor, tasks: Sequence[TensorSource], 
             deltas[i].copy_(src.get(name))  # the same values as .to(compute dtype), without a temporary
             deltas[i].sub_(b)
         if not _all_finite(deltas[i]):
+            if not _all_finite(b):
+                raise CheckpointError(f"{base_location}: tensor {name!r} of the base model contains NaN or Inf")
             raise CheckpointError(f"{src.location(name)}: task vector of tensor {name!r} contains NaN or Inf")
+        if req.weights is not None and req.weights[i] != 1.0:
+            deltas[i].mul_(req.weights[i])
     return deltas
 
 
@@ -166,7 +200,8 @@ def _task_factors(name: str, cls: TensorClass, tasks: Sequence[TensorSource]) ->
 def _layer_context(name: str, cls: TensorClass, req: MergeRequest, state: Any,
                    tasks: Sequence[TensorSource] = ()) -> LayerContext:
     return LayerContext(name=name, seed=LayerContext.tensor_seed(req.seed, name), state=state,
-                        matrix=cls is TensorClass.MATRIX, factors=_task_factors(name, cls, tasks) if tasks else None)
+                        matrix=cls is TensorClass.MATRIX, factors=_task_factors(name, cls, tasks) if tasks else None,
+                        weights=req.weights, run_seed=req.seed)
 
 
 def _merge_one(name: str, cls: TensorClass, deltas: torch.Tensor, req: MergeRequest, state: Any,
@@ -180,6 +215,18 @@ def _merge_one(name: str, cls: TensorClass, deltas: torch.Tensor, req: MergeRequ
     if not _all_finite(merged):
         raise OptionError(f"method {req.spec.name!r} produced NaN or Inf for tensor {name!r}; check its options")
     return merged
+
+
+def _linear_divisor(req: MergeRequest, cls: TensorClass, tasks: Sequence[TensorSource]) -> float | None:
+    """``d`` of a linear method's streaming route (``Σ_t w_t Δ_t / d``, :attr:`MethodSpec.linear`), or ``None``
+    for the stacked route: a non-linear method or options, a tensor a ``matrix_only`` method averages, or a
+    source that supplies its update exactly (a PEFT adapter's ``task_update``)."""
+    spec = req.spec
+    if spec.linear is None or (spec.matrix_only and cls is not TensorClass.MATRIX):
+        return None
+    if any(getattr(src, "task_update", None) is not None for src in tasks):
+        return None
+    return spec.linear(req.options, len(tasks))
 
 
 class TensorMerger:
@@ -229,7 +276,12 @@ class TensorMerger:
         theta0 = base.get(name)
         if cls is TensorClass.KEEP:
             return theta0, None
-        deltas = _task_updates(name, theta0, tasks, self.req, self._pool)
+        divisor = _linear_divisor(self.req, cls, tasks)
+        if divisor is not None:  # one streaming pass, no stacked updates (taskmerge.linear_stream)
+            return theta0, stream_linear(name, theta0, tasks, divisor=divisor, weights=self.req.weights,
+                                         dtype=self.req.compute_dtype, device=self.req.device,
+                                         base_location=base.location(name), method=self.req.spec.name).cpu()
+        deltas = _task_updates(name, theta0, tasks, self.req, self._pool, base.location(name))
         try:
             merged = _merge_one(name, cls, deltas, self.req, self.state, tasks).cpu()
             if self._pool.holds(merged):  # a view of the stack, which the next tensor will overwrite
@@ -239,11 +291,20 @@ class TensorMerger:
         return theta0, merged
 
     def output(self, item: tuple[str, TensorClass]) -> torch.Tensor:
+        """The tensor as written, checked to be finite (after λ and the cast to the output dtype)."""
+        name = item[0]
         theta0, tau = self.update(item)
+        merged = tau is not None
         value = _scaled(theta0, tau, self.lam)
         del tau
         if self.out_dtype is not None and value.dtype.is_floating_point:
             value = value.to(self.out_dtype)
+        if not _all_finite(value):
+            if not merged:
+                raise CheckpointError(f"{self.base.location(name)}: tensor {name!r} of the base model (kept at the "
+                                      "base value) contains NaN or Inf")
+            raise OptionError(f"tensor {name!r}: the merged value θ₀ + λ·τ is not finite in {value.dtype} "
+                              f"(λ = {self.lam!r}); check λ and the output dtype")
         return value
 
     def collect(self, item: tuple[str, TensorClass]) -> Any:
@@ -251,7 +312,7 @@ class TensorMerger:
         base, tasks = self._sources()
         if self._stat is None:
             self._stat = self.req.spec.statistic_for(self.req.options)
-        deltas = _task_updates(name, base.get(name), tasks, self.req)
+        deltas = _task_updates(name, base.get(name), tasks, self.req, base_location=base.location(name))
         if getattr(self._stat, "wants_context", False):
             ctx = _layer_context(name, cls, self.req, self.state, tasks)  # state: the previous pass's, if any
             return self._stat.collect(name, deltas, self.req.options, ctx)
@@ -294,11 +355,28 @@ def _budget(base: TensorSource, items: Sequence[tuple[str, TensorClass]]) -> dic
 
 
 def _prepare(base: TensorSource, tasks: Sequence[TensorSource], req: MergeRequest) -> tuple[list[str], dict[str, TensorClass]]:
-    names = _check_sources(base, tasks)
+    if req.weights is not None and len(req.weights) != len(tasks):
+        raise OptionError(f"option weights: {len(req.weights)} weight(s) for {len(tasks)} fine-tuned model(s)")
+    names = _check_sources(base, tasks, req.cast_inputs)
     classes = {n: req.policy.classify(n, *base.meta(n)) for n in names}
+    _log_kept(names, classes, base, req.policy)
     if all(c is TensorClass.KEEP for c in classes.values()):
         raise OptionError("no tensor is selected for merging: check the include / exclude patterns")
     return names, classes
+
+
+def _log_kept(names: Sequence[str], classes: Mapping[str, TensorClass], base: TensorSource,
+              policy: TensorPolicy) -> None:
+    """One INFO line: which tensors stay at the base value, grouped by why (:meth:`TensorPolicy.keep_reason`)."""
+    why: dict[str, list[str]] = {}
+    for n in names:
+        if classes[n] is TensorClass.KEEP:
+            why.setdefault(policy.keep_reason(n, *base.meta(n)) or "kept", []).append(n)
+    if not why:
+        logger.info("every tensor is merged (none kept at the base value)")
+        return
+    parts = [f"{len(v)} {reason} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})" for reason, v in why.items()]
+    logger.info("kept at the base value: %s", "; ".join(parts))
 
 
 def iter_merged(
@@ -334,12 +412,15 @@ def merged_task_vector(
     seed: int = 0,
     progress: bool = False,
     workers: int = 1,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged update τ (before λ) of in-memory state dicts; tensors kept at the base are absent.
 
-    ``workers > 1`` merges that many tensors at once on a thread pool (same result).
+    ``workers > 1`` merges that many tensors at once on a thread pool (same result); ``weights`` multiply
+    each task's update (:class:`MergeRequest`).
     """
-    req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
+    req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed,
+                             weights=weights)
     base = DictSource(base_sd, "base state dict")
     tasks = [DictSource(sd, f"task state dict {i}") for i, sd in enumerate(task_sds)]
     with contextlib.closing(make_executor("thread", workers)) as executor:
@@ -351,7 +432,19 @@ def apply_task_vector(
     base_sd: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor], lam: float
 ) -> dict[str, torch.Tensor]:
     """``θ₀ + λ·τ`` per tensor, computed in float32 (float64 if τ is) and cast to the base dtype."""
+    lam = _checked_lambda(lam)
     return {name: _scaled(base, tau.get(name), lam) for name, base in base_sd.items()}
+
+
+def _checked_lambda(lam: float) -> float:
+    """λ as a float, refused unless finite (NaN or ±Inf would make every merged tensor NaN / Inf)."""
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise OptionError(f"option lambda: expected a number, got {lam!r}") from None
+    if not math.isfinite(value):
+        raise OptionError(f"option lambda: must be a finite number, got {lam!r}")
+    return value
 
 
 def _scaled(theta0: torch.Tensor, tau: torch.Tensor | None, lam: float) -> torch.Tensor:
@@ -370,22 +463,73 @@ def _scaled(theta0: torch.Tensor, tau: torch.Tensor | None, lam: float) -> torch
     return out.to(theta0.dtype)
 
 
+_HEAD_BYTES = 1 << 20  # read whole: a safetensors header and the first tensors
+_BLOCK_BYTES = 1 << 16
+_BLOCKS = 64
+
+
 def _file_identity(path: Path) -> list[Any]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+    """``[size, digest]``: the size and a SHA-256 of sampled content (the first MiB, 64 blocks of 64 KiB
+    spread evenly over the file, and its last block; files up to 4 MiB whole). A ``touch`` or a copy
+    keeps it; a re-trained model (every weight differs) changes it. ~5 MB read per file."""
+    try:
+        size = path.stat().st_size
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            if size <= 4 * _HEAD_BYTES:
+                h.update(f.read())
+            else:
+                h.update(f.read(_HEAD_BYTES))
+                step = (size - _HEAD_BYTES - _BLOCK_BYTES) // _BLOCKS
+                for k in range(_BLOCKS + 1):
+                    f.seek(_HEAD_BYTES + k * step if k < _BLOCKS else size - _BLOCK_BYTES)
+                    h.update(f.read(_BLOCK_BYTES))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    return [size, h.hexdigest()]
 
 
 def input_identity(path: str | Path) -> dict[str, Any]:
-    """What identifies a checkpoint for ``--resume``: its absolute path and every file's size and
-    modification time (contents are not hashed: that would read every byte twice)."""
+    """What identifies a checkpoint for ``--resume``: its absolute path and every file's size and sampled
+    content digest (:func:`_file_identity`; hidden files and folders such as ``.git`` are left out).
+    Content, not modification times, so that a ``touch`` or a copy does not refuse a resume."""
     p = Path(path).resolve()
     if p.is_file():
         return {"path": str(p), "files": {p.name: _file_identity(p)}}
-    files = {str(f.relative_to(p)): _file_identity(f) for f in sorted(p.rglob("*")) if f.is_file()}
+    files = {str(f.relative_to(p)): _file_identity(f) for f in sorted(p.rglob("*"))
+             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)}
     return {"path": str(p), "files": files}
 
 
-def _request_description(base: str | Path, models: Sequence[str | Path], req: MergeRequest, lam: float,
+def _contents(ident: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """An :func:`input_identity`'s files as sorted (size, digest) pairs: equal for copies of a model."""
+    return sorted(tuple(v) for v in ident["files"].values())
+
+
+def _check_inputs(base: dict[str, Any], models: Sequence[dict[str, Any]], output: str | Path) -> None:
+    """Refuse an output that is (or holds) an input; warn about a merge of one model, a model given twice
+    (same path or same contents) and the base given as a fine-tuned model. Arguments are
+    :func:`input_identity` results."""
+    out = Path(output).resolve()
+    for which, ident in (("the base model", base), *((f"model {i + 1}", m) for i, m in enumerate(models))):
+        if Path(ident["path"]) == out or Path(ident["path"]).is_relative_to(out):
+            raise OptionError(f"{output}: the output is also an input ({which}, {ident['path']}); "
+                              "write the merge somewhere else")
+    if len(models) == 1:
+        logger.warning("only one fine-tuned model (%s): nothing is combined, the output is its task vector "
+                       "as the method treats it, scaled by λ", models[0]["path"])
+    contents = [_contents(m) for m in models]
+    for i, m in enumerate(models):
+        if m["path"] == base["path"] or contents[i] == _contents(base):
+            logger.warning("model %d (%s) is the base model (%s): its task vector is zero", i + 1, m["path"],
+                           "same file" if m["path"] == base["path"] else "same contents")
+        for j in range(i):
+            if m["path"] == models[j]["path"] or contents[i] == contents[j]:
+                logger.warning("models %d and %d are the same model (%s%s): it counts twice in the merge", j + 1,
+                               i + 1, m["path"], "" if m["path"] == models[j]["path"] else f", {models[j]['path']}")
+
+
+def _request_description(base: dict[str, Any], models: Sequence[dict[str, Any]], req: MergeRequest, lam: float,
                          output_dtype: str | None, max_shard_bytes: int) -> dict[str, Any]:
     """The merge request as recorded in the resume journal (its digest must match to resume)."""
     return {
@@ -398,9 +542,10 @@ def _request_description(base: str | Path, models: Sequence[str | Path], req: Me
         "compute_dtype": str(req.compute_dtype),
         "output_dtype": output_dtype,
         "seed": req.seed,
+        "weights": None if req.weights is None else list(req.weights),
         "max_shard_bytes": max_shard_bytes,
-        "base": input_identity(base),
-        "models": [input_identity(m) for m in models],
+        "base": base,
+        "models": list(models),
     }
 
 
@@ -426,6 +571,8 @@ def merge_checkpoints(
     resume: bool = False,
     workers: int | None = None,
     executor: str | Executor = "thread",
+    weights: Sequence[float] | None = None,
+    cast_inputs: bool = False,
 ) -> Path:
     """Merge checkpoint files / folders and write the result atomically.
 
@@ -447,6 +594,12 @@ def merge_checkpoints(
             with Ray, the cluster's CPUs).
         executor: ``thread`` (a CPU thread pool, serial for one worker), ``ray``, or an
             :class:`~taskmerge.executors.Executor`.
+        weights: one per model, multiplying its task update (MergeKit's ``parameters.weight``); ``None``: all 1.
+        cast_inputs: accept fine-tuned models stored in another floating dtype than the base.
+
+    A folder output gets a model card, ``README.md`` (:mod:`taskmerge.model_card`: method, paper, options, λ,
+    the inputs' identities, taskmerge's version), and, with ``output_dtype``, the base's ``config.json`` with
+    its ``torch_dtype`` / ``dtype`` set to it.
 
     Dense output streams: shards are planned up front and every tensor is written to its place in its
     shard as soon as it is merged, so memory holds only the tensors being merged (about T + 2 copies of
@@ -455,10 +608,9 @@ def merge_checkpoints(
     if output_format not in ("dense", "lora"):
         raise OptionError(f"option output_format: expected dense or lora, got {output_format!r}")
     if output_format == "lora":
-        from taskmerge.io.lora_export import merge_to_lora
-
         if lora_rank is None:
-            raise OptionError("option lora_rank: required with output_format lora (e.g. --lora-rank 16)")
+            raise OptionError(f"option lora_rank: required with {option_hint('output_format', 'lora')} "
+                              f"(e.g. {option_hint('lora_rank', 16)})")
         if resume:
             raise OptionError("option resume: not supported with output_format lora")
         return merge_to_lora(
@@ -466,27 +618,31 @@ def merge_checkpoints(
             compute_dtype=compute_dtype, output_dtype=output_dtype, device=device, seed=seed,
             overwrite=overwrite, drop_other=lora_drop_other, progress=progress,
         ).path
-    req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
-    lam = req.spec.default_lambda if lam is None else float(lam)
+    req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed,
+                             weights=weights, cast_inputs=cast_inputs)
+    lam = _checked_lambda(req.spec.default_lambda if lam is None else lam)
     out_dtype = _output_dtype(output_dtype)
     if executor == "ray" and req.device.type != "cpu":
         raise OptionError("option device: the Ray executor runs on CPUs only")
     base_reader = streaming_source(open_checkpoint(base))
     readers = [streaming_source(open_checkpoint(m, base=base_reader)) for m in models]
     names, classes = _prepare(base_reader, readers, req)
+    base_id, model_ids = input_identity(base), [input_identity(m) for m in models]
+    _check_inputs(base_id, model_ids, output)
     plan = []
     for name in names:
         shape, dtype = base_reader.meta(name)
         plan.append((name, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype))
     merger = TensorMerger(base_reader, readers, req, lam=lam, out_dtype=out_dtype,
                           paths=(str(base), tuple(str(m) for m in models)))
-    request = _request_description(base, models, req, lam, output_dtype, max_shard_bytes)
+    request = _request_description(base_id, model_ids, req, lam, output_dtype, max_shard_bytes)
     own_executor = isinstance(executor, str)
     pool = make_executor(executor, workers) if isinstance(executor, str) else executor
     try:
         with CheckpointWriter(output, overwrite=overwrite, copy_from=base, max_shard_bytes=max_shard_bytes,
                               metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)},
-                              request=request, resume=resume) as writer:
+                              request=request, resume=resume,
+                              extra_files=output_files(base, request, req.spec)) as writer:
             done = writer.plan(plan)
             todo = [n for n in names if n not in done]
             if any(classes[n] is not TensorClass.KEEP for n in todo):
@@ -510,3 +666,47 @@ def _output_dtype(name: str | None) -> torch.dtype | None:
     if name not in table:
         raise OptionError(f"option dtype: expected one of {sorted(table)}, got {name!r}")
     return table[name]
+
+
+def merge_to_lora(
+    base: str | Path,
+    models: Sequence[str | Path],
+    output: str | Path,
+    method: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    rank: int,
+    lam: float | None = None,
+    policy: TensorPolicy | None = None,
+    compute_dtype: str = "float32",
+    output_dtype: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    overwrite: bool = False,
+    drop_other: bool = False,
+    progress: bool = True,
+) -> LoraExportReport:
+    """Merge checkpoints / PEFT adapters and write ``λ·τ`` as a rank-``rank`` LoRA adapter of ``base``
+    (:class:`taskmerge.io.lora_export.LoraAdapterWriter`).
+
+    Arguments as :func:`merge_checkpoints`; ``output_dtype`` is the factors' dtype (float32 by default).
+    """
+    req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
+    lam = _checked_lambda(req.spec.default_lambda if lam is None else lam)
+    table = {None: torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if output_dtype not in table:
+        raise OptionError(f"option dtype: expected one of float32, float16, bfloat16, got {output_dtype!r}")
+    base_reader = open_checkpoint(base)
+    readers = [open_checkpoint(m, base=base_reader) for m in models]
+    _check_inputs(input_identity(base), [input_identity(m) for m in models], output)
+    writer = LoraAdapterWriter(
+        output, rank, base_model_name_or_path=str(base), overwrite=overwrite, dtype=table[output_dtype],
+        drop_other=drop_other, metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)},
+    )
+    with writer:
+        for name, theta0, tau in iter_merged(base_reader, readers, req, progress=progress):
+            if tau is None:
+                continue
+            cls = req.policy.classify(name, tuple(theta0.shape), theta0.dtype)
+            writer.add(name, lam * tau, target=cls is TensorClass.MATRIX)
+        return writer.commit()
