@@ -648,7 +648,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed :func:`build_parser` arguments and print the Markdown report."""
     import sys
 
-    recipe = get_recipe(args.recipe, **({"logit_scale": args.logit_scale} if args.logit_scale is not None else {}))
+    head = args.head or ("zeroshot" if args.protocol == "v2" else "probe")
+    recipe = get_recipe(args.recipe, head=head,
+                        **({"logit_scale": args.logit_scale} if args.logit_scale is not None else {}))
     results = run_benchmark(
         methods=args.methods.split(",") if args.methods else None,
         tasks=args.tasks,
@@ -664,7 +666,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         patience=args.patience,
         variants=dict(parse_variant(v) for v in args.variant),
         protocol=args.protocol,
-        head=args.head,
         seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
         n_boot=args.n_boot,
     )

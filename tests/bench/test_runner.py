@@ -215,6 +215,13 @@ def test_command_line_runs_tiny_suite(tmp_path, cache, capsys, api) -> None:
     js = json.loads((out / "bench_tiny_v2_full_2tasks.json").read_text())
     assert js["meta"]["recipe"]["steps"] == 5 and js["methods"]["task_arithmetic"]["grid"] == [0.5, 1.0]
     assert js["meta"]["head"] == "zeroshot" and js["meta"]["split_protocol"] == "v2"
+    # the command line's head follows the protocol, also with a logit scale given
+    code = runner.main(["--backbone", "tiny", "--tasks", "toy_letters", "--methods", "task_arithmetic", "--steps",
+                        "2", "--lam-grid", "1.0", "--out", str(out), "--no-progress", "--protocol", "v1",
+                        "--logit-scale", "10", "--n-boot", "20"])
+    assert code == 0
+    js = json.loads((out / "bench_tiny_full_1tasks.json").read_text())
+    assert js["meta"]["head"] == "probe" and js["meta"]["split_protocol"] == "v1"
 
 
 def test_protocol_v1_reuses_the_first_benchmarks_checkpoints(tiny, tmp_path, cache, api) -> None:
