@@ -131,6 +131,10 @@ class MethodSpec:
         option_grid: ``(option name, values)`` of a hyper-parameter of the method's own that the benchmark
             chooses on validation instead of λ when the λ grid is the single value 1.0 (e.g. AlignMerge-B's
             ``("alpha", (1.0, 1.4, 1.8, 2.2, 3.0))``); ``None`` for a plain λ sweep.
+        linear: for a method that is the linear map ``fn(deltas) = Σ_t Δ_t / d``, ``linear(options, T)``
+            returns ``d`` (task arithmetic: 1, weight averaging: T), or ``None`` where these options make
+            it non-linear; the engine then merges in one streaming pass without stacking the updates
+            (:mod:`taskmerge.linear_stream`, the same result as ``fn``). ``None``: always the stacked route.
     """
 
     name: str
@@ -144,6 +148,7 @@ class MethodSpec:
     lambda_grid: tuple[float, ...] = field(default_factory=tuple)
     global_statistic: Callable[[MethodOptions], GlobalStatistic | None] | None = None
     option_grid: tuple[str, tuple[float, ...]] | None = None
+    linear: Callable[[MethodOptions, int], float | None] | None = None
 
     def parse(self, options: Mapping[str, Any] | MethodOptions | None) -> MethodOptions:
         """Validate raw options for this method (see :func:`parse_options`)."""
@@ -173,11 +178,13 @@ def register_method(
     lambda_grid: Iterable[float] | None = None,
     global_statistic: Callable[[MethodOptions], GlobalStatistic | None] | None = None,
     option_grid: tuple[str, Iterable[float]] | None = None,
+    linear: Callable[[MethodOptions, int], float | None] | None = None,
 ) -> Callable[[LayerFn], LayerFn]:
     """Decorator registering a per-layer function under ``name``.
 
     The default λ grid is 0.1, 0.2, …, 3.0 (the TSV/Iso protocol's ``linspace(0, 3, 31)[1:]``).
-    ``option_grid`` names one of ``options``' fields and the values the benchmark sweeps (see :class:`MethodSpec`).
+    ``option_grid`` names one of ``options``' fields and the values the benchmark sweeps; ``linear`` marks a
+    linear method (both: see :class:`MethodSpec`).
     """
 
     def decorator(fn: LayerFn) -> LayerFn:
@@ -202,6 +209,7 @@ def register_method(
             lambda_grid=grid,
             global_statistic=global_statistic,
             option_grid=swept,
+            linear=linear,
         )
         return fn
 

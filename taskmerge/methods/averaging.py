@@ -25,6 +25,7 @@ class WeightAveragingOptions(MethodOptions):
     summary="mean of the task updates (uniform model soup)",
     default_lambda=1.0,
     lambda_grid=(1.0,),
+    linear=lambda options, num_tasks: float(num_tasks),
 )
 def weight_averaging(deltas: torch.Tensor, options: WeightAveragingOptions, ctx: LayerContext) -> torch.Tensor:
     """Return ``(1/T) Σ_t Δ_t``; with λ = 1 this is the uniform soup ``(1/T) Σ_t θ_t``."""

@@ -28,6 +28,7 @@ class TaskArithmeticOptions(MethodOptions):
     summary="sum of the task updates, scaled by λ",
     default_lambda=0.3,
     lambda_grid=TA_LAMBDA_GRID,
+    linear=lambda options, num_tasks: 1.0,
 )
 def task_arithmetic(deltas: torch.Tensor, options: TaskArithmeticOptions, ctx: LayerContext) -> torch.Tensor:
     """Return the multi-task vector ``τ_MTL = Σ_t Δ_t`` (the engine applies λ)."""
