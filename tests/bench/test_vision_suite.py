@@ -311,7 +311,8 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
 
     # data: the carve (25 % of train) and rendered_sst2's own val/ folder; test sizes
     n_data = res["meta"]["data"]
-    assert n_data["pcam"]["n_val"] == int(0.25 * 2 * SIZES["train"]) and n_data["rendered_sst2"]["n_val"] == 2 * SIZES["val"]
+    assert n_data["pcam"]["n_val"] == int(0.25 * 2 * SIZES["train"])
+    assert n_data["rendered_sst2"]["n_val"] == 2 * SIZES["val"]
     assert n_data["fer2013"]["n_test"] == 7 * SIZES["test"]
 
     # the pretrained row equals CLIP's own zero-shot logits on the single-template tasks
@@ -325,7 +326,8 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
     ta = res["methods"]["task_arithmetic"]
     assert ta["lambda"] in (0.5, 1.0)
     best = max(p["avg_normalized_val"] for p in ta["val_curve"])
-    assert ta["avg_normalized_val"] == best and ta["val_curve"][[p["lambda"] for p in ta["val_curve"]].index(ta["lambda"])]["avg_normalized_val"] == best
+    chosen = next(p for p in ta["val_curve"] if p["lambda"] == ta["lambda"])
+    assert ta["avg_normalized_val"] == best == chosen["avg_normalized_val"]
     base = {k: v for k, v in clip.state_dict().items() if k.startswith("vision_model.")}
     merged = {k: v + ta["lambda"] * sum(fake["finetuned"][n][k] - v for n in FAKE_TASKS) for k, v in base.items()}
     for name in ("pcam", "rendered_sst2"):
@@ -367,3 +369,77 @@ def test_command_errors_are_one_line(fake: dict[str, Any], tmp_path: Path, capsy
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and err.rstrip().endswith(errors[0])
     assert "mnist" in errors[0] and "huggingface-cli download" in errors[0]
+
+
+def test_option_grid_is_swept_at_lambda_one(fake: dict[str, Any]) -> None:
+    """A method registered with an option_grid and the λ grid (1.0,) (AlignMerge-B's α) has its option chosen
+    on validation instead of λ: one merge per value, the best average normalised validation accuracy kept."""
+    from taskmerge.bench.vision.loaders import read_sources_yaml
+    from taskmerge.bench.vision.runner import run_vision_benchmark
+    from taskmerge.bench.vision.suite import load_suite
+    from taskmerge.registry import get_method
+
+    config = read_sources_yaml(fake["sources"])
+    names = list(FAKE_TASKS)
+    sources = make_sources("ViT-B/32", {n: TASKS[n] for n in names}, config, offline=True)
+    suite = load_suite(names, TASKS, sources, val_fraction=0.25)
+    res = run_vision_benchmark(suite, ["alignmerge_b"], n_boot=50, out_dir=None, progress=False)
+    row = res["methods"]["alignmerge_b"]
+    key, values = get_method("alignmerge_b").option_grid
+    assert row["lambda"] == 1.0 and [p[key] for p in row["val_curve"]] == list(values)
+    scores = [p["avg_normalized_val"] for p in row["val_curve"]]
+    assert row["chosen_option"] == {key: values[scores.index(max(scores))]}
+    assert row["options"][key] == row["chosen_option"][key]
+
+
+class _Features(dict):
+    """``datasets.Features`` stand-in: column → feature object whose class name is what the loader reads."""
+
+
+def _fake_datasets(splits: dict[str, list[dict[str, Any]]], num_classes: int, calls: list[tuple]) -> Any:
+    import types
+
+    image_type = type("Image", (), {})
+    label_type = type("ClassLabel", (), {"num_classes": num_classes})
+
+    class Dataset:
+        features = _Features(img=image_type(), label=label_type(), extra=object())
+
+        def __init__(self, rows: list[dict[str, Any]]) -> None:
+            self.rows = rows
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, key: int | str) -> Any:
+            return [r[key] for r in self.rows] if isinstance(key, str) else self.rows[key]
+
+    def load_dataset(repo: str, config: str | None, split: str, cache_dir: str | None = None) -> Dataset:
+        calls.append((repo, config, split))
+        return Dataset(splits[split])
+
+    return types.SimpleNamespace(load_dataset=load_dataset)
+
+
+def test_hub_datasets_route_with_a_stand_in_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a data folder the loader reads the task's hub dataset through ``datasets`` (stood in for here):
+    its repo, config and split names, the image / class-label columns, and the papers' carve of train."""
+    import sys
+
+    rng = np.random.default_rng(2)
+    rows = {split: [{"img": _image(0, i % 10, rng), "label": i % 10, "extra": "x"} for i in range(n)]
+            for split, n in (("train", 30), ("test", 7))}
+    calls: list[tuple] = []
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(rows, 10, calls))
+    svhn = TASKS["svhn"]
+    val, test = load_task_splits(svhn, Sources("ViT-B/32", "x"), val_fraction=0.2)
+    assert calls == [("ufldl-stanford/svhn", "cropped_digits", split) for split in ("test", "train")]
+    assert test.labels.tolist() == [i % 10 for i in range(7)]
+    _, ref = torch.utils.data.random_split(range(30), [24, 6], generator=torch.Generator().manual_seed(0))
+    assert val.labels.tolist() == [i % 10 for i in ref.indices]
+    assert np.array_equal(np.asarray(val.image(1)), np.asarray(rows["train"][ref.indices[1]]["img"]))
+    with pytest.raises(TaskmergeError, match="--offline"):
+        load_task_splits(svhn, Sources("ViT-B/32", "x", offline=True))
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(rows, 3, calls))
+    with pytest.raises(TaskmergeError, match="column 'label' has 3 classes, task 'svhn' has 10"):
+        load_task_splits(svhn, Sources("ViT-B/32", "x"))

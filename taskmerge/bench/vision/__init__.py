@@ -7,7 +7,8 @@
 * :mod:`~taskmerge.bench.vision.evaluate` — per-example correctness of an encoder state dict;
 * :mod:`~taskmerge.bench.vision.suite` — everything a run needs, loaded;
 * :mod:`~taskmerge.bench.vision.adapt` — the data-based rows (AdaMerging, MDA-AM, MOMA);
-* :mod:`~taskmerge.bench.vision.runner` — merge, choose λ on validation, tables (``python -m taskmerge.bench.vision``).
+* :mod:`~taskmerge.bench.vision.runner` — merge, choose λ on validation, tables
+  (``python -m taskmerge.bench.vision``).
 
 Submodules are imported lazily so that ``import taskmerge.bench.vision`` stays cheap and downloads nothing.
 """

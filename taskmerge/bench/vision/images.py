@@ -4,7 +4,7 @@ On-disk format (read by :func:`read_image_folder`; no dependency beyond Pillow):
 
     <data_dir>/<task>/test/<label>/<any name>.png      # the test split (required)
     <data_dir>/<task>/train/<label>/...                 # the training split the validation split is carved from
-    <data_dir>/<task>/val/<label>/...                   # optional: a validation split of your own (then train/ is not read)
+    <data_dir>/<task>/val/<label>/...                   # optional: your own validation split (train/ is then unused)
     <data_dir>/<task>/classnames.txt                    # optional: one class name per line, replaces the built-in names
 
 ``<task>`` is the task's name (:data:`taskmerge.bench.vision.tasks.TASK_ORDER`), ``<label>`` the class index
@@ -77,7 +77,8 @@ def read_image_folder(root: Path, task: str, split: str, num_classes: int) -> Im
         if not sub.is_dir():
             continue
         if not sub.name.isdigit():
-            raise TaskmergeError(f"{sub}: label folders must be class indices (0 … {num_classes - 1}), got {sub.name!r}")
+            raise TaskmergeError(f"{sub}: label folders must be class indices (0 … {num_classes - 1}), "
+                                 f"got {sub.name!r}")
         label = int(sub.name)
         if label >= num_classes:
             raise TaskmergeError(f"{sub}: label {label} but task {task!r} has {num_classes} classes")

@@ -110,7 +110,8 @@ def read_sources_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise OptionError(f"--sources {p}: cannot read it ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise OptionError(f"--sources {p}: cannot read it ({exc.__class__.__name__}: {first})") from None
     if not isinstance(data, dict):
         raise OptionError(f"--sources {p}: expected a mapping at the top level")
     unknown = sorted(set(data) - _YAML_KEYS)
@@ -136,7 +137,8 @@ def make_sources(backbone: str, tasks: Mapping[str, VisionTask], config: Mapping
         try:
             checkpoints[name] = explicit.get(name) or pattern.format(task=name, checkpoint=task.checkpoint)
         except (KeyError, IndexError) as exc:
-            raise OptionError(f"checkpoint_pattern {pattern!r}: unknown placeholder {exc}; use {{task}} or {{checkpoint}}") from None
+            raise OptionError(f"checkpoint_pattern {pattern!r}: unknown placeholder {exc}; "
+                              "use {task} or {checkpoint}") from None
     data = data_dir if data_dir is not None else cfg.get("data_dir")
     cache = cache_dir if cache_dir is not None else cfg.get("cache_dir")
     return Sources(default.name, str(cfg.get("pretrained") or default.pretrained), checkpoints,
@@ -181,7 +183,8 @@ def resolve_model(ref: str, what: str, sources: Sources) -> Path:
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith("."):
         return _hub_snapshot(ref, what, sources)
-    raise CheckpointError(f"{what}: {ref} does not exist (a local folder, a file, or a Hugging Face repo id owner/name)")
+    raise CheckpointError(f"{what}: {ref} does not exist (give a local folder, a file, or a Hugging Face repo id "
+                          "owner/name)")
 
 
 @dataclass

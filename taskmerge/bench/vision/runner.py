@@ -189,11 +189,13 @@ def run_vision_benchmark(
 
     t_start = time.perf_counter()
     names = suite.names
-    rows: dict[str, tuple[str, dict[str, Any]]] = {m: (m, {}) for m in (default_methods() if methods is None else methods)}
+    methods = default_methods() if methods is None else methods
+    rows: dict[str, tuple[str, dict[str, Any]]] = {m: (m, {}) for m in methods}
     rows.update({label: (m, dict(o)) for label, (m, o) in (variants or {}).items()})
     for label, (method, _) in rows.items():
         if not getattr(get_method(method), "data_free", True):
-            raise OptionError(f"{label}: {method} is not a data-free method; pass data-based methods with --data-method")
+            raise OptionError(f"{label}: {method} is not a data-free method; pass data-based methods with "
+                              "--data-method")
     start_labels = _starts(data_configs, rows)
     device = merge_device or str(suite.evaluator.device)
 
@@ -386,7 +388,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="stop each λ sweep after this many grid points without improvement (default: whole grid)")
     p.add_argument("--sources", default=None, metavar="YAML",
                    help="where the pretrained CLIP, checkpoints and data are (see taskmerge.bench.vision.loaders)")
-    p.add_argument("--data-dir", default=None, help="root of the image folders (<dir>/<task>/{test,train,val}/<label>/)")
+    p.add_argument("--data-dir", default=None,
+                   help="root of the image folders (<dir>/<task>/{test,train,val}/<label>/)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory for downloads")
     p.add_argument("--offline", action="store_true", help="download nothing (hub references from the local cache only)")
     p.add_argument("--print-sources", action="store_true", help="print the resolved sources as YAML and exit")

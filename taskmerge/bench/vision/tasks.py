@@ -1194,8 +1194,8 @@ _TASK_LIST: tuple[VisionTask, ...] = (
     # -- the 8 tasks of Task Arithmetic
     VisionTask("sun397", "SUN397", _SUN397, _PHOTO, "sun397", "tanganke/sun397"),
     VisionTask("stanford_cars", "Cars", _CARS,
-               ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
-                "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."),
+               ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
+                "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."),
                "stanford-cars", "tanganke/stanford_cars"),
     VisionTask("resisc45", "RESISC45", _RESISC45,
                tuple(f"{kind} {view} of {art}{{}}." for art in ("", "a ", "the ")
