@@ -121,6 +121,8 @@ def _merge(args: argparse.Namespace) -> int:
     from taskmerge.config import MergeConfig
 
     cfg = MergeConfig.from_mapping(_config_data(args), args.config or "command line")
+    if cfg.weights is not None and (cfg.output_format == "lora" or _is_data_based(cfg.method)):
+        raise OptionError("option weights: supported by data-free merges with dense output only")
     if _is_data_based(cfg.method):
         from taskmerge.databased.cli import merge_with_data
 
@@ -191,6 +193,14 @@ def _bench(argv: list[str]) -> int:
     from taskmerge.bench.runner import build_parser as build_bench_parser
     from taskmerge.bench.runner import run_from_args
 
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=["text", "vit"], default="text")
+    chosen, argv = suite.parse_known_args(argv)
+    if chosen.suite == "vit":  # the papers' CLIP ViT protocol (taskmerge.bench.vision)
+        from taskmerge.bench.vision import runner as vision
+
+        return vision.run_from_args(vision.build_parser(argparse.ArgumentParser(
+            prog="taskmerge bench --suite vit", description=vision.__doc__.splitlines()[0])).parse_args(argv))
     parser = build_bench_parser(argparse.ArgumentParser(
         prog="taskmerge bench", description="run the offline benchmark: fine-tune (cached), merge, tabulate"))
     return run_from_args(parser.parse_args(argv))

@@ -10,7 +10,8 @@ the merge equals MergeKit's (to float32 rounding; the tests compare with MergeKi
 =================  =====================================================================================
 ``linear``         ``task_arithmetic``, λ = 1, weights ``w_i / Σ w`` (``normalize: true``, the default):
                    ``Σ w_i θ_i / Σ w`` = ``θ₀ + Σ (w_i / Σ w)(θ_i − θ₀)`` for any base θ₀ (``base_model``,
-                   else the first model); ``normalize: false`` only when the weights sum to 1
+                   an input with its own weight as in MergeKit, else the first model); ``normalize: false``
+                   only when the weights sum to 1
 ``task_arithmetic`` ``task_arithmetic``, λ = ``parameters.lambda`` (1), weights ``w_i`` (``/ Σ w`` with
                    ``normalize: true``)
 ``ties``           ``ties`` with ``keep`` = density, ``boundary: floor`` (MergeKit keeps ``max(1,
@@ -23,7 +24,8 @@ the merge equals MergeKit's (to float32 rounding; the tests compare with MergeKi
 =================  =====================================================================================
 
 Per-model ``parameters.weight`` (required, as in MergeKit) and ``density`` (default 1) fall back on the
-top-level ``parameters``; a model listed that is the ``base_model`` is the base, not a task. ``dtype`` /
+top-level ``parameters``; a model listed that is the ``base_model`` is the base, not a task (``linear``
+averages it with the others, with its weight). ``dtype`` /
 ``out_dtype`` give the output dtype (taskmerge computes in float32 whatever it is: MergeKit computes in
 ``dtype``, so a bfloat16 MergeKit merge differs by bfloat16 rounding). ``tokenizer_source: base`` (or
 ``tokenizer: {source: base}``) is what taskmerge does anyway (the base's tokenizer files are copied);
@@ -137,26 +139,27 @@ def from_mergekit(data: Mapping[str, Any], source: str = "MergeKit configuration
     base = data.get("base_model")
     if base is None and method != "linear":
         raise OptionError(f"{source}: merge_method {method} needs base_model")
+    paths = [_model_path(entry, f"{source}: models.{i}") for i, entry in enumerate(entries)]
+    if method == "linear" and base is not None and base not in paths:  # MergeKit's linear averages base_model too
+        entries, paths = [{"model": base}, *entries], [base, *paths]
+    base = paths[0] if base is None else base  # linear without a base: θ₀ of θ₀ + Σ (w_i / Σ w)(θ_i − θ₀)
     models: list[str] = []
     weights: list[float] = []
     densities: list[float] = []
-    for i, entry in enumerate(entries):
+    total = 0.0
+    for i, (entry, path) in enumerate(zip(entries, paths)):
         where = f"{source}: models.{i}"
-        path = _model_path(entry, where)
-        if path == base:
-            continue  # the base listed among the models: MergeKit's base entry, not a task
         params = {**glob, **_params(entry, where)}
+        if path == base and method != "linear":
+            continue  # the base listed among the models: MergeKit's base entry, not a task
         if "weight" not in params:
             raise OptionError(f"{where} ({path}): parameter weight is required for merge_method {method}")
+        total += float(params["weight"])
+        if path == base:
+            continue  # linear: the base's weight counts in Σ w, its update is zero
         models.append(path)
         weights.append(float(params["weight"]))
         densities.append(float(params.get("density", 1.0)))
-    if base is None:  # linear without a base: the first model is θ₀ of θ₀ + Σ (w_i / Σ w)(θ_i − θ₀)
-        base, first_weight = models[0], weights[0]
-        models, weights, densities = models[1:], weights[1:], densities[1:]
-        total = first_weight + sum(weights)
-    else:
-        total = sum(weights)
     if not models:
         raise OptionError(f"{source}: no model to merge besides the base model")
     out = {k: v for k, v in data.items() if k not in _HANDLED_KEYS}
