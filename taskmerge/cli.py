@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thread: a CPU thread pool (default); ray: a Ray cluster (pip install 'taskmerge[ray]')")
 
     # The benchmark's own parser imports torch: `taskmerge bench ARGS` hands ARGS to it unparsed.
-    sub.add_parser("bench", add_help=False, help="run the offline benchmark: fine-tune (cached), merge, tabulate")
+    sub.add_parser("bench", add_help=False, help="run the offline benchmark: fine-tune (cached), merge, tabulate; "
+                   "--suite vit: the papers' CLIP ViT protocol")
 
     lm = sub.add_parser("methods", help="list merging methods, or one method's paper and options")
     lm.add_argument("name", nargs="?", help="show one method in detail")

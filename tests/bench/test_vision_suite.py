@@ -443,3 +443,18 @@ def test_hub_datasets_route_with_a_stand_in_library(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(rows, 3, calls))
     with pytest.raises(TaskmergeError, match="column 'label' has 3 classes, task 'svhn' has 10"):
         load_task_splits(svhn, Sources("ViT-B/32", "x"))
+
+
+def test_taskmerge_bench_suite_vit_dispatches_here(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from taskmerge.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("checkpoint_pattern: /ft/{checkpoint}\ncheckpoints: {dtd: /mine/dtd}\n", encoding="utf-8")
+    assert main(["bench", "--suite", "vit", "--backbone", "B/16", "--tasks", "8", "--sources", str(cfg),
+                 "--print-sources"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["pretrained"] == "openai/clip-vit-base-patch16"
+    assert list(printed["checkpoints"]) == list(TASK_ORDER[:8])
+    assert printed["checkpoints"]["stanford_cars"] == "/ft/stanford-cars" and printed["checkpoints"]["dtd"] == "/mine/dtd"
+    assert main(["bench", "--suite", "vit", "--tasks", "9", "--print-sources"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --tasks 9")
