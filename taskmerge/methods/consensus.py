@@ -59,19 +59,17 @@ def consensus_count(deltas: torch.Tensor, tall_lambda: float, tau: torch.Tensor)
 
 
 class ConsensusOptions(MethodOptions):
-    """Options of ``consensus``.
+    """Options of ``consensus``."""
 
-    Attributes:
-        tall_lambda: λ of the TALL masks (same for every task).
-        k: minimum number of tasks whose TALL mask must select an entry for it to be kept.
-        base: the multi-task vector masked: ``task_arithmetic`` (Σ Δ_t) or ``ties`` (TIES, disjoint sum).
-        ties_keep: TIES trim fraction when ``base="ties"``.
-    """
-
-    tall_lambda: float = Field(0.4, ge=0.0)
-    k: int = Field(2, ge=0)
-    base: Literal["task_arithmetic", "ties"] = "task_arithmetic"
-    ties_keep: float = Field(0.2, gt=0.0, le=1.0)
+    tall_lambda: float = Field(0.4, ge=0.0, description=(
+        "λ of the TALL masks m_t = 1{|τ_t| ≥ λ·|τ_MTL − τ_t|}, the same for every task"))
+    k: int = Field(2, ge=0, description=(
+        "an entry is kept when the TALL masks of at least k tasks select it (k = 2 removes 'selfish' and "
+        "'catastrophic' weights; k = 0 keeps everything)"))
+    base: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description=(
+        "the multi-task vector that is masked: task_arithmetic (Σ_t Δ_t, Consensus TA) or ties (TIES with "
+        "its disjoint sum, Consensus TIES)"))
+    ties_keep: float = Field(0.2, gt=0.0, le=1.0, description="with base=ties: TIES's trim fraction (the paper's 20 %)")
 
 
 @register_method(

@@ -90,32 +90,27 @@ Subspace = Literal["full", "lora"]
 
 
 class IsoCOptions(MethodOptions):
-    """Options of ``iso_c`` (besides α, i.e. λ).
+    """Options of ``iso_c`` (besides α, i.e. λ)."""
 
-    Attributes:
-        subspace: ``full`` keeps all r = min(m, n) directions of Δ_TA (the official code); ``lora`` its top
-            R = min(r, Σ_t rank_t) (the paper's LoRA protocol, see the module docstring).
-        lowrank: with ``subspace = lora``, compute the SVDs from LoRA factors when the engine provides them.
-    """
-
-    subspace: Subspace = "full"
-    lowrank: bool = True
+    subspace: Subspace = Field("full", description=(
+        "full: flatten all r = min(m, n) singular directions of the summed update (the official code); lora: "
+        "only its top R = min(r, Σ_t rank_t), the rank the LoRA task updates can span (the paper's LoRA protocol)"))
+    lowrank: bool = Field(True, description=(
+        "with subspace=lora: compute the SVD from the LoRA factors when the inputs are adapters (same result, "
+        "no m × n SVD)"))
 
 
 class IsoCtsOptions(MethodOptions):
-    """Options of ``iso_cts``.
+    """Options of ``iso_cts``."""
 
-    Attributes:
-        common_fraction: share of the rank r (R in ``lora`` mode) given to the common subspace before the
-            divisibility adjustment (the paper's 0.8).
-        subspace: ``full`` splits r = min(m, n) directions (the official code); ``lora`` splits
-            R = min(r, Σ_t rank_t) (the paper's LoRA protocol, see the module docstring).
-        lowrank: with ``subspace = lora``, compute the SVDs from LoRA factors when the engine provides them.
-    """
-
-    common_fraction: float = Field(0.8, ge=0.0, le=1.0)
-    subspace: Subspace = "full"
-    lowrank: bool = True
+    common_fraction: float = Field(0.8, ge=0.0, le=1.0, description=(
+        "share of the rank r (R with subspace=lora) given to the common subspace of the summed update, before "
+        "the rest is divided evenly among the tasks (the paper's 0.8)"))
+    subspace: Subspace = Field("full", description=(
+        "full: split r = min(m, n) directions (the official code); lora: split R = min(r, Σ_t rank_t), the rank "
+        "the LoRA task updates can span (the paper's LoRA protocol)"))
+    lowrank: bool = Field(True, description=(
+        "with subspace=lora: compute the SVDs from the LoRA factors when the inputs are adapters (same result)"))
 
 
 class IsoBases(NamedTuple):

@@ -79,30 +79,25 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class KnotsOptions(MethodOptions):
-    """Options of ``knots``.
+    """Options of ``knots``."""
 
-    Attributes:
-        merge: how the per-task blocks Σ V_tᵀ are merged: ``ties`` (KnOTS-TIES), ``dare_ties``
-            (KnOTS-DARE-TIES) or ``ta`` (KnOTS-TA, a sum).
-        keep: fraction of each task's block entries kept by the magnitude trim; ``None`` = 0.2 for ``ties``
-            (the official ``topK: 20``), 1.0 (no trim) for ``dare_ties`` and ``ta``.
-        scope: ``global`` trims with one model-wide threshold per task (the official code), ``tensor``
-            per matrix.
-        p: DARE drop rate (``dare_ties`` only; the official ViT-B/32 configuration's 0.1).
-        rescale: rescale DARE's kept entries by 1/(1 − p).
-        svd_tol: singular values ≤ this (absolute) are dropped (the official 1e-5).
-        svd_dtype: dtype of the SVD of the concatenation (the official float64).
-        lowrank: compute the SVD from LoRA factors when the engine provides them.
-    """
-
-    merge: Literal["ties", "dare_ties", "ta"] = "ties"
-    keep: float | None = Field(None, gt=0.0, le=1.0)
-    scope: Literal["global", "tensor"] = "global"
-    p: float = Field(0.1, ge=0.0, lt=1.0)
-    rescale: bool = True
-    svd_tol: float = Field(1e-5, ge=0.0)
-    svd_dtype: Literal["float64", "float32"] = "float64"
-    lowrank: bool = True
+    merge: Literal["ties", "dare_ties", "ta"] = Field("ties", description=(
+        "how the per-task blocks ΣV_tᵀ are merged: ties (KnOTS-TIES), dare_ties (KnOTS-DARE-TIES) or ta "
+        "(KnOTS-TA, their sum)"))
+    keep: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "fraction of each task's block entries kept by the magnitude trim; none: 0.2 for ties (the official "
+        "topK: 20), 1.0 (no trim) for dare_ties and ta"))
+    scope: Literal["global", "tensor"] = Field("global", description=(
+        "global: the trim uses one model-wide threshold per task (the official code); tensor: one per matrix"))
+    p: float = Field(0.1, ge=0.0, lt=1.0, description=(
+        "with merge=dare_ties: DARE's drop rate (the official ViT-B/32 configuration's 0.1)"))
+    rescale: bool = Field(True, description="with merge=dare_ties: rescale DARE's kept entries by 1/(1 − p)")
+    svd_tol: float = Field(1e-5, ge=0.0, description=(
+        "singular values of the concatenation at or below this (absolute) are dropped (the official 1e-5)"))
+    svd_dtype: Literal["float64", "float32"] = Field("float64", description=(
+        "dtype of the SVD of the concatenated task updates (the official float64)"))
+    lowrank: bool = Field(True, description=(
+        "compute the SVD from the LoRA factors when the inputs are adapters (same result, no m × n SVD)"))
 
     @property
     def resolved_keep(self) -> float:

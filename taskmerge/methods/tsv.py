@@ -64,17 +64,15 @@ __all__ = ["TsvOptions", "tsv_rank", "tsv_bases", "tsv_m"]
 
 
 class TsvOptions(MethodOptions):
-    """Options of ``tsv_m``.
+    """Options of ``tsv_m``."""
 
-    Attributes:
-        k: singular triplets kept per task; ``None`` = ``max(1, ⌊fraction · r / T⌋)``.
-        fraction: share of the rank r = min(m, n) divided among the tasks (1.0 = the paper's r/T each).
-        lowrank: compute the per-task SVDs from LoRA factors when the engine provides them.
-    """
-
-    k: int | None = Field(None, ge=1)
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    lowrank: bool = True
+    k: int | None = Field(None, ge=1, description=(
+        "singular triplets kept per task and matrix (capped at min(m, n)); none: max(1, ⌊fraction·r/T⌋) with "
+        "r = min(m, n)"))
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "share of the rank r = min(m, n) divided among the T tasks when k is none (1.0: the paper's r/T each)"))
+    lowrank: bool = Field(True, description=(
+        "compute the per-task SVDs from the LoRA factors when the inputs are adapters (same result, no m × n SVD)"))
 
 
 def tsv_rank(shape: tuple[int, int], num_tasks: int, k: int | None = None, fraction: float = 1.0) -> int:
