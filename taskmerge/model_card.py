@@ -64,10 +64,12 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
 
 
-def model_card(request: Mapping[str, Any], *, paper: str = "", summary: str = "", version: str = __version__) -> str:
+def model_card(request: Mapping[str, Any], *, paper: str = "", summary: str = "", version: str = __version__,
+               resumable: bool = True) -> str:
     """The Markdown model card of a merge described by ``request`` (the resume journal's description:
     ``method``, ``options``, ``lambda``, ``policy``, ``compute_dtype``, ``output_dtype``, ``seed``, ``weights``,
-    ``base`` and ``models`` identities)."""
+    ``base`` and ``models`` identities); ``resumable=False`` for a merge that has no resume journal (a
+    data-based one)."""
     method = request.get("method", "?")
     options = request.get("options") or {}
     policy = request.get("policy") or {}
@@ -111,8 +113,8 @@ def model_card(request: Mapping[str, Any], *, paper: str = "", summary: str = ""
         "",
         "## The request",
         "",
-        f"`taskmerge merge --resume` continues an interrupted merge only for this exact request (SHA-256 "
-        f"`{_digest(request)}`):",
+        (f"`taskmerge merge --resume` continues an interrupted merge only for this exact request (SHA-256 "
+         f"`{_digest(request)}`):" if resumable else "The merge as requested:"),
         "",
         "```json",
         json.dumps(request, indent=1, sort_keys=True, ensure_ascii=False, default=str),
@@ -152,10 +154,13 @@ def config_with_dtype(config_text: str, dtype: str) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def output_files(base: str | Path, request: Mapping[str, Any], spec: MethodSpec | None = None) -> dict[str, str]:
+def output_files(base: str | Path, request: Mapping[str, Any], spec: MethodSpec | Any | None = None,
+                 resumable: bool = True) -> dict[str, str]:
     """The descriptive files of a folder output, name → text: the model card, and the base's ``config.json``
-    with the output dtype when ``request["output_dtype"]`` is set (a base folder without one: none)."""
-    files = {"README.md": model_card(request, paper=spec.paper if spec else "", summary=spec.summary if spec else "")}
+    with the output dtype when ``request["output_dtype"]`` is set (a base folder without one: none).
+    ``spec``: anything with ``paper`` and ``summary`` (a registry or data-based method)."""
+    files = {"README.md": model_card(request, paper=getattr(spec, "paper", ""), summary=getattr(spec, "summary", ""),
+                                     resumable=resumable)}
     dtype = request.get("output_dtype")
     config = Path(base) / "config.json"
     if dtype and Path(base).is_dir() and config.is_file():

@@ -190,8 +190,15 @@ def merge_with_data(cfg: Any, progress: bool = True) -> Path:
     result = spec.fn(base_sd, task_sds, heads, inputs, opts, **kwargs)
 
     out_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.dtype or "")
+    from taskmerge.merge import input_identity
+    from taskmerge.model_card import output_files
+
+    described = {"method": cfg.method, "options": opts.model_dump(mode="json"), "lambda": repr(cfg.lam),
+                 "output_dtype": cfg.dtype, "seed": cfg.seed, "base": input_identity(base),
+                 "models": [input_identity(m) for m in models], "data": data.model_dump(mode="json")}
     with CheckpointWriter(out, overwrite=cfg.overwrite, copy_from=base, max_shard_bytes=cfg.max_shard_size,
-                          metadata={"taskmerge_method": cfg.method}) as writer:
+                          metadata={"taskmerge_method": cfg.method},
+                          extra_files=output_files(base, described, spec, resumable=False)) as writer:
         for name, value in result.state_dict.items():
             if out_dtype is not None and value.dtype.is_floating_point:
                 value = value.to(out_dtype)
