@@ -301,7 +301,7 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
                "--methods", "task_arithmetic,tsv_m", "--lam-grid", "0.5,1.0",
                "--data-method", "ada=adamerging:steps=2,batch_size=4,granularity=task",
                "--data-method", "moma=moma:steps=2,batch_size=4",
-               "--data-method", "mda=mda_am:steps=2,batch_size=4",
+               "--data-method", "mda=mda_am:steps=2,batch_size=4,class_means=labels",
                "--val-fraction", "0.25", "--n-boot", "200", "--device", "cpu", "--workers", "2", "--batch-size", "16",
                "--offline", "--no-progress", "--out", str(out), "--stem", "fake"])
     assert rc == 0
@@ -356,7 +356,9 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
 
     for heading in ("## Absolute test accuracy (%)", "## Normalized test accuracy", "## Paired differences"):
         assert heading in md
+    assert res["methods"]["mda"]["uses_labels"] and not res["methods"]["ada"]["uses_labels"]
     assert "| Pretrained (zero-shot) |" in md and "| ada (data-based, from task_arithmetic) |" in md
+    assert "| mda (data-based, from mda_ta, validation labels) |" in md
     assert "PCAM = `pcam`" in md
 
 
@@ -458,3 +460,20 @@ def test_taskmerge_bench_suite_vit_dispatches_here(tmp_path: Path, capsys: pytes
     assert printed["checkpoints"]["stanford_cars"] == "/ft/stanford-cars" and printed["checkpoints"]["dtd"] == "/mine/dtd"
     assert main(["bench", "--suite", "vit", "--tasks", "9", "--print-sources"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --tasks 9")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_end_to_end_on_cuda_matches_cpu(fake: dict[str, Any], tmp_path: Path) -> None:
+    """Evaluation and merges on the GPU (data-based loop on the CPU) give the CPU run's tables."""
+    from taskmerge.bench.vision.runner import main
+
+    args = ["--sources", str(fake["sources"]), "--tasks", ",".join(FAKE_TASKS), "--methods", "task_arithmetic,tsv_m",
+            "--lam-grid", "0.5,1.0", "--data-method", "moma=moma:steps=2,batch_size=4", "--val-fraction", "0.25",
+            "--n-boot", "50", "--offline", "--no-progress", "--out", str(tmp_path)]
+    assert main([*args, "--device", "cpu", "--stem", "cpu"]) == 0
+    assert main([*args, "--device", "cuda", "--stem", "cuda"]) == 0
+    cpu, gpu = (json.loads((tmp_path / f"{s}.json").read_text())["methods"] for s in ("cpu", "cuda"))
+    for label in cpu:
+        assert gpu[label]["lambda"] == cpu[label]["lambda"]
+        for name in FAKE_TASKS:
+            assert gpu[label]["test"][name] == pytest.approx(cpu[label]["test"][name], abs=1.5 / 42)

@@ -3,8 +3,8 @@
 The papers' protocol (``resolved.md``, MOMA 1; AdaMerging and MDA as published): each method adapts on the
 **unlabeled test images** of every task and is scored on the same test sets; it starts from its data-free
 counterpart (:func:`taskmerge.databased.start_method`) at the λ that counterpart chose on validation, which the
-runner computes as an ordinary data-free row. MDA-AM uses no labels unless ``val_labels`` (the label-using
-variant: class means from the validation split's labels, marked in the row).
+runner computes as an ordinary data-free row. MDA-AM uses no labels unless its option ``class_means="labels"``
+(the label-using variant): its class means then come from the **validation** split's labels, and the row says so.
 
 The methods run through :mod:`taskmerge.databased`'s public API with the CLIP image encoder as a
 :class:`~taskmerge.databased.FunctionalEncoder` whose output is the normalised image feature, and the zero-shot
@@ -30,8 +30,7 @@ INIT_KEYS = {"adamerging": "init_lambda", "mda_am": "init_lambda", "moma": "lam"
 
 
 def adapt(suite: Suite, method: str, options: Mapping[str, Any], start_lambda: float,
-          start_vector: Mapping[str, torch.Tensor], *, val_labels: bool = False,
-          progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+          start_vector: Mapping[str, torch.Tensor], *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Run data-based ``method`` on the suite; return the per-task test correctness of the merged encoder with
     the method's heads, and a record (options, loss curve, seconds, the method's info).
 
@@ -41,7 +40,6 @@ def adapt(suite: Suite, method: str, options: Mapping[str, Any], start_lambda: f
         options: the method's options (its start λ is filled in unless given).
         start_lambda: the λ the start method chose on validation.
         start_vector: the start method's merged task vector (MOMA's τ_agg; MDA-AM's layer-wise vectors).
-        val_labels: MDA-AM only: class means from the validation labels (else pseudo-labels).
         progress: the loop's progress bar (unless ``options`` sets it).
     """
     spec = get_data_method(method)
@@ -51,8 +49,9 @@ def adapt(suite: Suite, method: str, options: Mapping[str, Any], start_lambda: f
     inputs = [ImageInputs(suite.test[n], suite.preprocess) for n in names]
     kwargs: dict[str, Any] = {"encoder": FunctionalEncoder(suite.encoder, suite.base_sd)}
     vector = {k: v.cpu() for k, v in start_vector.items()}
+    uses_labels = method == "mda_am" and parsed.class_means == "labels"
     if method == "mda_am":
-        if val_labels:
+        if uses_labels:
             kwargs["labeled"] = [LabeledInputs(ImageInputs(suite.val[n], suite.preprocess), suite.val[n].labels)
                                  for n in names]
         if getattr(parsed, "granularity", "layer") == "layer":
@@ -65,5 +64,5 @@ def adapt(suite: Suite, method: str, options: Mapping[str, Any], start_lambda: f
     correct = suite.correct(result.state_dict, "test", dict(zip(names, result.heads)))
     info = {k: v for k, v in result.info.items() if not isinstance(v, torch.Tensor)}
     record = {"options": parsed.model_dump(), "loss": result.history.loss, "train_seconds": seconds,
-              "steps": len(result.history.loss), "info": info, "val_labels": bool(val_labels and method == "mda_am")}
+              "steps": len(result.history.loss), "info": info, "uses_labels": uses_labels}
     return correct, record

@@ -162,7 +162,6 @@ def run_vision_benchmark(
     lam_grid: Sequence[float] | None = None,
     patience: int | None = None,
     merge_device: str | None = None,
-    mda_val_labels: bool = False,
     n_boot: int = 1000,
     boot_seed: int = 0,
     out_dir: str | Path | None = "results",
@@ -179,7 +178,6 @@ def run_vision_benchmark(
         lam_grid: λ values swept for every data-free method (default: each method's registered grid).
         patience: stop a λ sweep after this many grid points without a new best (``None``: whole grid).
         merge_device: where the merges run (default: the evaluator's device).
-        mda_val_labels: MDA-AM's class means from validation labels (the label-using variant).
         n_boot, boot_seed: bootstrap replicates and seed of the intervals.
         out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md`` (``None``: nothing written).
         progress: progress bars.
@@ -233,8 +231,7 @@ def run_vision_benchmark(
         options = dict(cfg.get("options") or {})
         if cfg["method"] == "mda_am" and rows[start][0] == "mda_ta":
             options.setdefault("mda_options", results["methods"][start]["options"])
-        correct[cfg["name"]], record = adapt(suite, cfg["method"], options, lam, tau, val_labels=mda_val_labels,
-                                             progress=progress)
+        correct[cfg["name"]], record = adapt(suite, cfg["method"], options, lam, tau, progress=progress)
         summary = scorer.summary(correct[cfg["name"]])
         start_row = results["methods"][start]
         results["methods"][cfg["name"]] = {
@@ -245,7 +242,7 @@ def run_vision_benchmark(
         row["normalized_diff_vs"] = {ref: scorer.difference(correct[label], correct[ref])
                                      for ref in REFERENCE_METHODS if ref in correct and ref != label}
 
-    results["meta"] = _meta(suite, list(results["methods"]), lam_grid, patience, n_boot, boot_seed, mda_val_labels,
+    results["meta"] = _meta(suite, list(results["methods"]), lam_grid, patience, n_boot, boot_seed,
                             {**suite.seconds, "reference_eval": reference_seconds,
                              "total": time.perf_counter() - t_start})
     if out_dir is not None:
@@ -264,7 +261,7 @@ def _slug(name: str) -> str:
 
 
 def _meta(suite: Suite, rows: list[str], lam_grid: Sequence[float] | None, patience: int | None, n_boot: int,
-          boot_seed: int, mda_val_labels: bool, seconds: dict[str, float]) -> dict[str, Any]:
+          boot_seed: int, seconds: dict[str, float]) -> dict[str, Any]:
     from taskmerge.bench.runner import machine_info
 
     machine = machine_info()
@@ -287,7 +284,6 @@ def _meta(suite: Suite, rows: list[str], lam_grid: Sequence[float] | None, patie
                      "chosen per method by average normalized accuracy on validation; test reported"
                      + (f"; lambda sweep stopped after {patience} points without improvement" if patience else "")),
         "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "level": 0.95},
-        "mda_val_labels": mda_val_labels,
         "timings_seconds": seconds,
     }
 
@@ -302,7 +298,7 @@ def _ci(row: Mapping[str, Any], key: str) -> str:
 def _label(name: str, row: Mapping[str, Any]) -> str:
     if row.get("kind") != "data-based":
         return name
-    labels = ", validation labels" if row.get("val_labels") else ""
+    labels = ", validation labels" if row.get("uses_labels") else ""
     return f"{name} (data-based, from {row['start']}{labels})"
 
 
@@ -380,9 +376,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="an extra data-free row: METHOD with these options under LABEL (repeatable)")
     p.add_argument("--data-method", action="append", default=[], metavar="NAME=METHOD:key=value,...",
                    help="a data-based row (adamerging, mda_am, moma) adapting on the unlabeled test images, "
-                        "e.g. 'moma-ta=moma:base=task_arithmetic,steps=1000' (repeatable)")
-    p.add_argument("--mda-val-labels", action="store_true",
-                   help="MDA-AM's class means from validation labels (label-using variant; default pseudo-labels)")
+                        "e.g. 'moma-ta=moma:base=task_arithmetic,steps=1000'; MDA-AM's label-using variant: "
+                        "'mda-labels=mda_am:class_means=labels' (validation labels) (repeatable)")
     p.add_argument("--lam-grid", default=None, help="comma-separated λ values (default: each method's grid)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop each λ sweep after this many grid points without improvement (default: whole grid)")
@@ -444,7 +439,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         lam_grid=[float(x) for x in args.lam_grid.split(",")] if args.lam_grid else None,
         patience=args.patience,
         merge_device=args.merge_device,
-        mda_val_labels=args.mda_val_labels,
         n_boot=args.n_boot,
         out_dir=args.out,
         stem=args.stem,
