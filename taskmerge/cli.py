@@ -153,8 +153,10 @@ def _lambda_words(cfg: Any) -> str:
     """``λ = 0.5`` or ``λ = 0.3, the method's default``: the λ a data-free merge used."""
     if cfg.lam is not None:
         return f"λ = {cfg.lam:g}"
-    default = method_entry(load_catalog(), cfg.method)["default_lambda"]
-    return f"λ = {default:g}, the method's default"
+    # the registry, not the catalog: a method registered at run time is not in the catalog (torch is loaded by now)
+    from taskmerge.registry import get_method
+
+    return f"λ = {get_method(cfg.method).default_lambda:g}, the method's default"
 
 
 def _is_data_based(method: str) -> bool:

@@ -49,7 +49,7 @@ from taskmerge.io.streaming import streaming_source
 from taskmerge.io.writers import DEFAULT_SHARD_BYTES, CheckpointWriter
 from taskmerge.linalg import LowRank
 from taskmerge.linear_stream import stream_linear
-from taskmerge.model_card import output_files
+from taskmerge.model_card import model_card, output_files
 from taskmerge.registry import AnotherPass, LayerContext, MethodOptions, MethodSpec, get_method
 from taskmerge.selection import TensorClass, TensorPolicy
 from taskmerge.workspace import StackPool
@@ -588,8 +588,11 @@ def merge_checkpoints(
         output_format: ``dense`` (a merged model) or ``lora`` (a rank-``lora_rank`` PEFT adapter of ``base``
             holding ``λ·τ``, see :mod:`taskmerge.io.lora_export`; ``lora_drop_other`` drops changed tensors
             a LoRA adapter cannot hold instead of failing).
+        overwrite: replace an existing output that taskmerge wrote (a folder holding other files is refused,
+            see :func:`taskmerge.io.writers.check_replaceable`); an output that is an input is always refused.
         resume: continue an interrupted merge of the same request from the shards completed in
-            ``<output>.partial`` (see :mod:`taskmerge.io.writers`); a different request is refused.
+            ``<output>.partial`` (see :mod:`taskmerge.io.writers`); a different request is refused (inputs are
+            identified by content, :func:`input_identity`, so a ``touch`` does not count as a change).
         workers: tensors merged at once (``None``: :func:`taskmerge.executors.default_workers` threads;
             with Ray, the cluster's CPUs).
         executor: ``thread`` (a CPU thread pool, serial for one worker), ``ray``, or an
@@ -698,10 +701,14 @@ def merge_to_lora(
         raise OptionError(f"option dtype: expected one of float32, float16, bfloat16, got {output_dtype!r}")
     base_reader = open_checkpoint(base)
     readers = [open_checkpoint(m, base=base_reader) for m in models]
-    _check_inputs(input_identity(base), [input_identity(m) for m in models], output)
+    base_id, model_ids = input_identity(base), [input_identity(m) for m in models]
+    _check_inputs(base_id, model_ids, output)
+    described = {**_request_description(base_id, model_ids, req, lam, output_dtype, 0), "lora_rank": rank}
+    del described["max_shard_bytes"]
     writer = LoraAdapterWriter(
         output, rank, base_model_name_or_path=str(base), overwrite=overwrite, dtype=table[output_dtype],
         drop_other=drop_other, metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)},
+        extra_files={"README.md": model_card(described, paper=req.spec.paper, summary=req.spec.summary, resumable=False)},
     )
     with writer:
         for name, theta0, tau in iter_merged(base_reader, readers, req, progress=progress):
