@@ -215,6 +215,7 @@ def run_databased(
     lam_grids: Mapping[str, Sequence[float]] | None = None,
     patience: int | None = 3,
     adapt_split: str = "test",
+    protocol: str = "v2",
     out_dir: str | Path | None = "results",
     stem: str = "databased",
     reference: str | Path | None = None,
@@ -233,6 +234,8 @@ def run_databased(
         patience: stop a sweep after this many grid points without a new best (``None``: whole grid).
         adapt_split: the split whose texts are the unlabeled inputs (default ``"test"``, the papers' transductive
             protocol; ``"val"``: the inductive variant); a configuration's ``"adapt_split"`` key overrides it.
+        protocol: the benchmark's split protocol (``"v2"`` or ``"v1"``, :func:`taskmerge.bench.datasets.load_task`);
+            a named recipe takes the protocol's head, as in :func:`taskmerge.bench.runner.run_benchmark`.
         out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md``, and every run's loss curve to
             ``<out_dir>/<stem>_curves/`` (``out_dir=None``: nothing written).
         reference: a results JSON of an earlier run on the same checkpoints — this module's or
@@ -253,16 +256,18 @@ def run_databased(
     t_start = time.perf_counter()
     configure_threads(num_threads)
     names = resolve_tasks(tasks)
+    if isinstance(recipe, str):  # a named recipe takes the protocol's head (the runner's rule)
+        recipe = get_recipe(recipe, head="zeroshot" if protocol == "v2" else "probe")
     recipe = get_recipe(recipe)
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-    data = {n: load_task(n, seed) for n in names}
+    data = {n: load_task(n, seed, protocol) for n in names}
     checkpoints = {n: finetune(bb, data[n], recipe, cache=cache, progress=progress) for n in names}
     heads = {n: ck.head for n, ck in checkpoints.items()}
     base_sd = bb.state_dict()
     task_sds = [checkpoints[n].state_dict() for n in names]
     ev = Evaluator(bb.model, bb.tokenizer, max_length=recipe.max_length)
     ck_paths = {n: str(ck.path) for n, ck in checkpoints.items()}
-    ref = _load_reference(reference, names, recipe, ck_paths)
+    ref = _load_reference(reference, names, recipe, ck_paths, protocol)
     if ref is not None:
         ft_val, ft_test = dict(ref["finetuned"]["val"]), dict(ref["finetuned"]["test"])
         pre_test = dict(ref["pretrained"]["test"])
@@ -348,17 +353,19 @@ def run_databased(
         logger.info("%s: test avg %.4f (normalized %.4f), Δ vs %s %+.4f", name, res["avg_test"],
                     res["avg_normalized_test"], smethod, res["delta_avg_test"])
         if out_dir is not None:  # write after every configuration, so a long run leaves partial results
-            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths)
-    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths)
+            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths, protocol)
+    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths, protocol)
 
 
 def _load_reference(reference: str | Path | None, names: list[str], recipe: Any,
-                    ck_paths: Mapping[str, str]) -> dict[str, Any] | None:
+                    ck_paths: Mapping[str, str], protocol: str) -> dict[str, Any] | None:
     """Pretrained / fine-tuned accuracies and data-free starts of an earlier run on the same checkpoints."""
     if reference is None:
         return None
     ref = json.loads(Path(reference).read_text(encoding="utf-8"))
     meta = ref.get("meta", {})
+    if meta.get("split_protocol", "v1") != protocol:
+        raise ValueError(f"{reference}: split protocol {meta.get('split_protocol', 'v1')}, this run uses {protocol}")
     if list(meta.get("tasks", [])) != list(names) or meta.get("recipe") != recipe.to_dict():
         raise ValueError(f"{reference}: different tasks or recipe")
     if meta.get("checkpoints") and {n: meta["checkpoints"].get(n) for n in names} != dict(ck_paths):
@@ -372,8 +379,9 @@ def _load_reference(reference: str | Path | None, names: list[str], recipe: Any,
 
 def _write(results: dict[str, Any], names: list[str], recipe: Any, bb: Any, seed: int, t_start: float,
            out_dir: str | Path | None, stem: str, machine: Mapping[str, Any],
-           checkpoints: Mapping[str, str] | None = None) -> dict[str, Any]:
+           checkpoints: Mapping[str, str] | None = None, protocol: str = "v2") -> dict[str, Any]:
     results["meta"] = {
+        "split_protocol": protocol,
         "checkpoints": dict(checkpoints or {}),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": dict(machine),
@@ -400,8 +408,9 @@ def combine_results(paths: Sequence[str | Path], out_dir: str | Path | None = No
         raise ValueError("nothing to combine")
     tasks = runs[0]["meta"]["tasks"]
     for p, r in zip(paths, runs):
-        if r["meta"]["tasks"] != tasks or r["meta"]["recipe"] != runs[0]["meta"]["recipe"]:
-            raise ValueError(f"{p}: different tasks or recipe")
+        if r["meta"]["tasks"] != tasks or r["meta"]["recipe"] != runs[0]["meta"]["recipe"] \
+                or r["meta"].get("split_protocol", "v1") != runs[0]["meta"].get("split_protocol", "v1"):
+            raise ValueError(f"{p}: different tasks, recipe or split protocol")
         if r["finetuned"]["test"] != runs[0]["finetuned"]["test"]:
             raise ValueError(f"{p}: different fine-tuned checkpoints")
     out: dict[str, Any] = {"pretrained": runs[0]["pretrained"], "finetuned": runs[0]["finetuned"], "starts": {},
@@ -446,8 +455,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         "",
         f"- Date: {meta['date']}; machine: {m.get('platform')}, CPU {m.get('cpu')} ({m.get('cpu_count')} logical CPUs, "
         f"{m.get('torch_threads')} torch threads), torch {m.get('torch')}",
-        f"- Recipe: LP-FT {meta['recipe']['kind']}, {meta['recipe']['steps']} steps; data seed {meta['seed']}; "
-        f"wall time {meta['seconds']:.0f} s",
+        f"- Recipe: LP-FT {meta['recipe']['kind']}, {meta['recipe']['steps']} steps; split protocol "
+        f"{meta.get('split_protocol', 'v1')}; data seed {meta['seed']}; wall time {meta['seconds']:.0f} s",
         "- Data-free starts: λ chosen on validation (average normalised accuracy). Data-based rows start from the "
         "start named in their row at that λ and adapt on the unlabeled texts (labels dropped) of the split in "
         "column *adapt on*: `test` = transductive (the papers' test-time adaptation), `val` = inductive. Column "
@@ -542,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adapt-split", default="test", choices=["train", "val", "test"],
                    help="split whose texts (labels dropped) the methods adapt on: test = transductive (the papers', "
                         "default), val / train = inductive; a config's adapt_split=... overrides it")
+    p.add_argument("--protocol", default="v2", choices=["v1", "v2"], help="benchmark split protocol (as `taskmerge bench`)")
     p.add_argument("--out", default="results")
     p.add_argument("--stem", default="databased")
     p.add_argument("--reference", default=None,
@@ -559,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give --config (or --combine)")
     lams = {k: float(v) for k, v in (s.split("=", 1) for s in args.start_lambda)}
     res = run_databased([_parse_config(c) for c in args.config], tasks=args.tasks, recipe=args.recipe,
-                        start_lambdas=lams, adapt_split=args.adapt_split, out_dir=args.out, stem=args.stem,
+                        start_lambdas=lams, adapt_split=args.adapt_split, protocol=args.protocol, out_dir=args.out,
+                        stem=args.stem,
                         reference=args.reference,
                         num_threads=args.threads, patience=args.patience, progress=not args.no_progress)
     print(markdown_table(res))

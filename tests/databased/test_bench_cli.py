@@ -17,29 +17,71 @@ from taskmerge.databased.loop import count_parameters
 
 
 def test_run_databased_on_the_tiny_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows, files, and the adaptation protocol: the methods get the unlabeled texts of the adaptation split
+    (test by default, transductive; val for the inductive variant), no label unless a variant asks for the
+    validation labels, while validation only chooses the starts' λ."""
+    from taskmerge import databased
+    from taskmerge.bench.datasets import load_task
+
     monkeypatch.setenv("TASKMERGE_CACHE", str(tmp_path / "cache"))
+    calls: dict[str, list[dict]] = {}
+    for name, spec in list(databased.DATA_METHODS.items()):
+        def spy(*args, _fn=spec.fn, _name=name, **kwargs):
+            calls.setdefault(_name, []).append({"inputs": args[3], "kwargs": kwargs})
+            return _fn(*args, **kwargs)
+        monkeypatch.setitem(databased.DATA_METHODS, name, spec._replace(fn=spy))
     configs = [
         {"name": "ada", "method": "adamerging", "options": {"steps": 2, "lr": 0.01}},
         {"name": "mda", "method": "mda_am", "options": {"steps": 2}},
+        {"name": "mda-labels", "method": "mda_am", "options": {"steps": 2, "class_means": "labels"}},
         {"name": "moma-ties", "method": "moma", "options": {"steps": 2, "base": "ties"}},
+        {"name": "ada-val", "method": "adamerging", "options": {"steps": 12}, "adapt_split": "val"},
     ]
+    tasks = ["toy_letters", "toy_length"]
     grids = {m: [0.5, 1.0] for m in ("task_arithmetic", "mda_ta", "ties")}
-    res = run_databased(configs, tasks=["toy_letters", "toy_length"], recipe=Recipe(steps=10, lr=1e-3),
-                        backbone=tiny_bert(seed=0), lam_grids=grids, out_dir=tmp_path / "out", stem="t",
-                        progress=False)
+    bb = tiny_bert(seed=0)
+    res = run_databased(configs, tasks=tasks, recipe=Recipe(steps=10, lr=1e-3), backbone=bb, lam_grids=grids,
+                        patience=None, out_dir=tmp_path / "out", stem="t", progress=False)
     assert set(res["starts"]) == {"task_arithmetic", "mda_ta", "ties"}
-    for name, r in res["methods"].items():
-        assert set(r["test"]) == {"toy_letters", "toy_length"}
-        assert r["start_lambda"] in (0.5, 1.0) and len(r["loss"]) == 2
+    for start in res["starts"].values():  # validation chooses λ: the best point of the validation curve
+        best = max(start["val_curve"], key=lambda p: p["avg_normalized_val"])
+        assert start["lambda"] == best["lambda"] and [p["lambda"] for p in start["val_curve"]] == [0.5, 1.0]
+    data = {n: load_task(n, 0, res["meta"]["split_protocol"]) for n in tasks}
+
+    def ids(split: str) -> list[list[int]]:
+        return [list(x) for n in tasks for x in bb.tokenizer([t for t, _ in data[n].split(split)], truncation=True,
+                                                             max_length=48)["input_ids"]]
+
+    seen = [c for cs in calls.values() for c in cs]
+    assert len(seen) == 5
+    for call in seen:  # unlabeled token ids only; labels only for the variant that asks, from validation
+        assert all(type(x).__name__ == "TokenInputs" for x in call["inputs"])
+    assert [list(r) for x in calls["moma"][0]["inputs"] for r in x.ids] == ids("test")
+    assert [list(r) for x in calls["adamerging"][1]["inputs"] for r in x.ids] == ids("val")
+    assert "labeled" not in calls["mda_am"][0]["kwargs"]
+    labeled = calls["mda_am"][1]["kwargs"]["labeled"]
+    assert [lab.labels.tolist() for lab in labeled] == [[y for _, y in data[n].val] for n in tasks]
+    rows = res["methods"]
+    assert rows["ada"]["protocol"] == "transductive" and rows["ada-val"]["protocol"] == "inductive"
+    assert rows["mda"]["uses_labels"] is False and rows["mda-labels"]["uses_labels"] is True
+    assert rows["mda"]["diagnostics_split"] == "val"
+    for name, r in rows.items():
+        assert set(r["test"]) == set(tasks)
+        assert r["start_lambda"] in (0.5, 1.0) and len(r["loss"]) == r["options"]["steps"]
         # drop-in rows for taskmerge.bench.runner's results["methods"] (its markdown_report reads these keys)
         assert {"test", "normalized_test", "avg_test", "avg_normalized_test", "lambda", "unseen_test"} <= set(r)
         assert r["delta_avg_test"] == pytest.approx(r["avg_test"] - res["starts"][r["start_method"]]["avg_test"])
         for t, acc in r["test"].items():
             assert r["normalized_test"][t] == pytest.approx(acc / res["finetuned"]["test"][t])
+        curve = json.loads(Path(r["curve"]["json"]).read_text())
+        assert curve["loss"] == r["loss"] and Path(r["curve"]["png"]).stat().st_size > 1000
+    assert rows["ada-val"]["convergence"]["still_falling"] in (True, False)  # 12 steps: the check runs
+    assert rows["moma-ties"]["masking_rate"] >= 0 and "lambda_stats" in rows["ada"]
     saved = json.loads((tmp_path / "out" / "t.json").read_text())
-    assert set(saved["methods"]) == {"ada", "mda", "moma-ties"}
+    assert set(saved["methods"]) == {c["name"] for c in configs}
     md = (tmp_path / "out" / "t.md").read_text()
     assert "| moma-ties | ties" in md and "Normalized" in md
+    assert "val (inductive)" in md and "test (transductive)" in md and "val (class means)" in md
     both = combine_results([tmp_path / "out" / "t.json"] * 2, tmp_path / "out", "all", order=["moma-ties"])
     assert list(both["methods"])[0] == "moma-ties" and (tmp_path / "out" / "all.md").is_file()
 
