@@ -30,7 +30,8 @@ INIT_KEYS = {"adamerging": "init_lambda", "mda_am": "init_lambda", "moma": "lam"
 
 
 def adapt(suite: Suite, method: str, options: Mapping[str, Any], start_lambda: float,
-          start_vector: Mapping[str, torch.Tensor], *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+          start_vector: Mapping[str, torch.Tensor], *,
+          progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Run data-based ``method`` on the suite; return the per-task test correctness of the merged encoder with
     the method's heads, and a record (options, loss curve, seconds, the method's info).
 

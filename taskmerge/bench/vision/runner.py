@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from taskmerge.bench.vision.suite import Suite
-from taskmerge.errors import OptionError
+from taskmerge.errors import CheckpointError, OptionError
 
 __all__ = ["run_vision_benchmark", "markdown_report", "build_parser", "main", "REFERENCE_METHODS"]
 
@@ -135,6 +135,20 @@ def _data_free_row(suite: Suite, label: str, method: str, options: dict[str, Any
     return record, correct, tau
 
 
+def _check_finetuned(suite: Suite, ft_val: Mapping[str, float], ft_test: Mapping[str, float]) -> None:
+    """A fine-tuned tower that never scores on its own validation split cannot normalise (an error); one near
+    chance on test is suspicious (a warning): a wrong checkpoint, or class names not in the dataset's label order."""
+    for name in suite.names:
+        chance = 1.0 / suite.tasks[name].num_classes
+        where = f"fine-tuned checkpoint of task {name!r} ({suite.sources.checkpoints[name]})"
+        if ft_val[name] <= 0:
+            raise CheckpointError(f"{where}: 0 % accuracy on its validation split; is it the right checkpoint, and are "
+                                  "the class names in the dataset's label order?")
+        if ft_test[name] < 2 * chance:
+            logger.warning("%s: test accuracy %.1f %% (chance %.1f %%): check the checkpoint and the order of the "
+                           "class names", where, 100 * ft_test[name], 100 * chance)
+
+
 def _starts(data_configs: Sequence[Mapping[str, Any]], rows: dict[str, tuple[str, dict[str, Any]]]) -> list[str]:
     """Add the data-free start of every data-based configuration to ``rows`` (label → (method, options)) unless a
     row with that method and options is already there; return each configuration's start label."""
@@ -191,7 +205,7 @@ def run_vision_benchmark(
     rows: dict[str, tuple[str, dict[str, Any]]] = {m: (m, {}) for m in methods}
     rows.update({label: (m, dict(o)) for label, (m, o) in (variants or {}).items()})
     for label, (method, _) in rows.items():
-        if not getattr(get_method(method), "data_free", True):
+        if not get_method(method).data_free:
             raise OptionError(f"{label}: {method} is not a data-free method; pass data-based methods with "
                               "--data-method")
     start_labels = _starts(data_configs, rows)
@@ -206,6 +220,7 @@ def run_vision_benchmark(
         ft_val[name] = float(suite.evaluator.correct(suite.heads[name], suite.val[name]).float().mean())
         ft_test[name] = suite.evaluator.correct(suite.heads[name], suite.test[name])
     reference_seconds = time.perf_counter() - t0
+    _check_finetuned(suite, ft_val, _accuracies(ft_test))
     scorer = _Scorer(ft_test, n_boot, boot_seed)
     correct: dict[str, Correct] = {}
     results: dict[str, Any] = {
