@@ -205,3 +205,12 @@ def test_weights_count_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_config_with_dtype_adds_torch_dtype_when_absent() -> None:
     assert json.loads(config_with_dtype('{"a": 1}', "float16")) == {"a": 1, "torch_dtype": "float16"}
     assert json.loads(config_with_dtype('{"dtype": "float32"}', "bfloat16")) == {"dtype": "bfloat16"}
+
+
+def test_lora_output_has_a_model_card(tmp_path: Path) -> None:
+    base, models = _models(tmp_path)
+    out = tmp_path / "adapter"
+    assert main(["merge", "--base", str(base), "--models", *map(str, models), "--method", "ties", "--output", str(out),
+                 "--output-format", "lora", "--lora-rank", "2", "--lora-drop-other", "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert "`ties`" in card and '"lora_rank": 2' in card and str(base.resolve()) in card

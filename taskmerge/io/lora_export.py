@@ -108,6 +108,7 @@ class LoraAdapterWriter:
         dtype: dtype of the stored factors (float32 by default).
         drop_other: drop changed tensors that are not LoRA targets (warning) instead of failing.
         metadata: extra safetensors header metadata.
+        extra_files: more files of the adapter folder, name → text (e.g. a model card ``README.md``).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class LoraAdapterWriter:
         dtype: torch.dtype = torch.float32,
         drop_other: bool = False,
         metadata: Mapping[str, str] | None = None,
+        extra_files: Mapping[str, str] | None = None,
     ) -> None:
         if rank < 1:
             raise OptionError(f"option lora_rank: must be at least 1, got {rank}")
@@ -135,6 +137,7 @@ class LoraAdapterWriter:
         self.dtype = dtype
         self.drop_other = drop_other
         self.metadata = {"format": "pt", **(metadata or {})}
+        self.extra_files = dict(extra_files or {})
         self._tensors: dict[str, torch.Tensor] = {}
         self._modules: list[str] = []
         self.report = LoraExportReport(self.output, rank)
@@ -206,6 +209,8 @@ class LoraAdapterWriter:
             meta = {**self.metadata, "taskmerge_max_truncation_error": repr(self.report.max_error)}
             save_file(self._tensors, str(final / ADAPTER_FILE), metadata=meta)
             (final / ADAPTER_CONFIG).write_text(json.dumps(self.config(), indent=2, sort_keys=True))
+            for fname, text in self.extra_files.items():
+                (final / fname).write_text(text, encoding="utf-8")
             write_manifest(final)
             if self.output.exists():
                 check_replaceable(self.output)
