@@ -373,18 +373,22 @@ def test_command_errors_are_one_line(fake: dict[str, Any], tmp_path: Path, capsy
     assert "mnist" in errors[0] and "huggingface-cli download" in errors[0]
 
 
-def test_option_grid_is_swept_at_lambda_one(fake: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def suite(fake: dict[str, Any]) -> Any:
+    from taskmerge.bench.vision.loaders import read_sources_yaml
+    from taskmerge.bench.vision.suite import load_suite
+
+    names = list(FAKE_TASKS)
+    sources = make_sources("ViT-B/32", {n: TASKS[n] for n in names}, read_sources_yaml(fake["sources"]), offline=True)
+    return load_suite(names, TASKS, sources, val_fraction=0.25)
+
+
+def test_option_grid_is_swept_at_lambda_one(suite: Any) -> None:
     """A method registered with an option_grid and the λ grid (1.0,) (AlignMerge-B's α) has its option chosen
     on validation instead of λ: one merge per value, the best average normalised validation accuracy kept."""
-    from taskmerge.bench.vision.loaders import read_sources_yaml
     from taskmerge.bench.vision.runner import run_vision_benchmark
-    from taskmerge.bench.vision.suite import load_suite
     from taskmerge.registry import get_method
 
-    config = read_sources_yaml(fake["sources"])
-    names = list(FAKE_TASKS)
-    sources = make_sources("ViT-B/32", {n: TASKS[n] for n in names}, config, offline=True)
-    suite = load_suite(names, TASKS, sources, val_fraction=0.25)
     res = run_vision_benchmark(suite, ["alignmerge_b"], n_boot=50, out_dir=None, progress=False)
     row = res["methods"]["alignmerge_b"]
     key, values = get_method("alignmerge_b").option_grid
@@ -393,6 +397,20 @@ def test_option_grid_is_swept_at_lambda_one(fake: dict[str, Any]) -> None:
     assert row["chosen_option"] == {key: values[scores.index(max(scores))]}
     assert row["options"][key] == row["chosen_option"][key]
 
+
+
+def test_class_names_in_the_wrong_order_are_caught(suite: Any) -> None:
+    """A head whose classes are swapped (class names not in the dataset's label order) makes the fine-tuned
+    tower score 0 % on validation: an error naming the task's checkpoint, before anything is merged."""
+    import dataclasses
+
+    from taskmerge.bench.vision.runner import run_vision_benchmark
+    from taskmerge.databased import LinearHead
+
+    swapped = {**suite.heads, "pcam": LinearHead(suite.heads["pcam"].weight.flip(0))}
+    with pytest.raises(CheckpointError, match="fine-tuned checkpoint of task 'pcam'.*label order"):
+        run_vision_benchmark(dataclasses.replace(suite, heads=swapped), ["task_arithmetic"], out_dir=None,
+                             progress=False)
 
 class _Features(dict):
     """``datasets.Features`` stand-in: column → feature object whose class name is what the loader reads."""
