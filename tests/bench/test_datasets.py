@@ -33,6 +33,9 @@ EXPECTED_CLASSES = {
     "fortune_topic_a": 8, "fortune_topic_b": 8, "fortune_language": 8, "wordnet_noun_supersense": 10,
     "wordnet_verb_supersense": 8, "wordnet_pos": 4, "wordnet_domain": 8, "vader_polarity": 2,
     "chatterbot_category": 6, "chatterbot_language": 8, "toy_letters": 2, "toy_length": 3,
+    "bible_section": 8, "bible_gospel": 4, "mhcc_section": 6, "tdavid_section": 3, "gcide_field": 8,
+    "gcide_field_b": 8, "gcide_author": 8, "gcide_author_b": 8, "gcide_pos": 5, "gcide_origin": 6,
+    "foldoc_subject": 8, "dict_source": 4,
 }
 
 

@@ -11,6 +11,13 @@ protocols). One module per source:
   ``wordnet_pos``, ``wordnet_domain``;
 * :mod:`.vader` — PyPI ``vaderSentiment``: ``vader_polarity``;
 * :mod:`.chatterbot` — PyPI ``chatterbot-corpus``: ``chatterbot_category``, ``chatterbot_language``;
+* :mod:`.bible` — Debian ``sword-text-web`` (World English Bible): ``bible_section``, ``bible_gospel``;
+* :mod:`.mhcc` — Debian ``sword-comm-mhcc`` (Matthew Henry's commentary): ``mhcc_section``;
+* :mod:`.tdavid` — Debian ``sword-comm-tdavid`` (Spurgeon's Treasury of David): ``tdavid_section``;
+* :mod:`.gcide` — Debian ``dict-gcide``: ``gcide_field``, ``gcide_field_b``, ``gcide_author``, ``gcide_author_b``,
+  ``gcide_pos``, ``gcide_origin``;
+* :mod:`.foldoc` — Debian ``dict-foldoc``: ``foldoc_subject``;
+* :mod:`.dictionaries` — Debian ``dict-gcide``, ``dict-foldoc``, ``dict-jargon``, ``dict-devil``: ``dict_source``;
 * :mod:`.toy` — synthetic tasks for smoke tests: ``toy_letters``, ``toy_length``.
 """
 
@@ -18,7 +25,19 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from taskmerge.bench.datasets import chatterbot, fortunes, toy, vader, wordnet
+from taskmerge.bench.datasets import (
+    bible,
+    chatterbot,
+    dictionaries,
+    foldoc,
+    fortunes,
+    gcide,
+    mhcc,
+    tdavid,
+    toy,
+    vader,
+    wordnet,
+)
 from taskmerge.bench.datasets.common import (
     DEFAULT_BUDGET,
     PROTOCOLS,
@@ -49,6 +68,18 @@ TASKS: dict[str, TaskLoader] = {
     "vader_polarity": vader.vader_polarity,
     "chatterbot_category": chatterbot.chatterbot_category,
     "chatterbot_language": chatterbot.chatterbot_language,
+    "bible_section": bible.bible_section,
+    "bible_gospel": bible.bible_gospel,
+    "mhcc_section": mhcc.mhcc_section,
+    "tdavid_section": tdavid.tdavid_section,
+    "gcide_field": gcide.gcide_field,
+    "gcide_field_b": gcide.gcide_field_b,
+    "gcide_author": gcide.gcide_author,
+    "gcide_author_b": gcide.gcide_author_b,
+    "gcide_pos": gcide.gcide_pos,
+    "gcide_origin": gcide.gcide_origin,
+    "foldoc_subject": foldoc.foldoc_subject,
+    "dict_source": dictionaries.dict_source,
     "toy_letters": toy.toy_letters,
     "toy_length": toy.toy_length,
 }
@@ -66,8 +97,23 @@ MAIN_TASKS_8: tuple[str, ...] = (
 )
 """The 8 merged tasks of the first benchmark, ordered so that every prefix (4 = first four) mixes sources."""
 
-EXTRA_TASKS: tuple[str, ...] = ()
-"""Tasks 9-20 of the suite, in order (9-14 make the 14-task setting, 15-20 the 20-task one)."""
+EXTRA_TASKS: tuple[str, ...] = (
+    "bible_section",
+    "gcide_field",
+    "foldoc_subject",
+    "gcide_author",
+    "tdavid_section",
+    "gcide_pos",
+    "dict_source",
+    "gcide_field_b",
+    "mhcc_section",
+    "gcide_origin",
+    "bible_gospel",
+    "gcide_author_b",
+)
+"""Tasks 9-20 of the suite, in order (9-14 make the 14-task setting, 15-20 the 20-task one). Each half draws on
+four sources and no two neighbours come from the same database, except ``dict_source``, whose Webster texts come
+from GCIDE like its two neighbours' (the texts themselves are disjoint)."""
 
 MAIN_TASKS: tuple[str, ...] = MAIN_TASKS_8 + EXTRA_TASKS
 """The merged tasks: ``--tasks n`` is the first ``n`` (8, 14, 20 as in the papers; every setting is a prefix
@@ -92,6 +138,18 @@ SHORT_NAMES: dict[str, str] = {
     "vader_polarity": "VADER",
     "chatterbot_category": "ChatCat",
     "chatterbot_language": "ChatLang",
+    "bible_section": "Bible-Sec",
+    "bible_gospel": "Gospel",
+    "mhcc_section": "MHCC",
+    "tdavid_section": "TDavid",
+    "gcide_field": "GCIDE-Field",
+    "gcide_field_b": "GCIDE-Field-B",
+    "gcide_author": "GCIDE-Auth",
+    "gcide_author_b": "GCIDE-Auth-B",
+    "gcide_pos": "GCIDE-POS",
+    "gcide_origin": "GCIDE-Orig",
+    "foldoc_subject": "FOLDOC",
+    "dict_source": "DictSrc",
     "toy_letters": "ToyLet",
     "toy_length": "ToyLen",
 }

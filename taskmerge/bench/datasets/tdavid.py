@@ -50,7 +50,7 @@ MAX_CHARS = 400
 
 _PIECE = re.compile(r"(<title\b[^>]*>.*?</title>|<div\b[^>]*\btype=\"x-p\"[^>]*/>)", re.S)
 _TITLE = re.compile(r"<title\b[^>]*>(.*?)</title>", re.S)
-_LEAD = re.compile(r"^(?:(?:Ver(?:se)?s?\.?\s+\d+(?:\s*[-,]\s*\d+)*\.?|\(?[a-z0-9]{1,3}[.)])\s*)+", re.I)
+_LEAD = re.compile(r"^(?:(?:[Vv]er(?:se)?s?\.?\s+\d+(?:\s*[-,]\s*\d+)*\.?|\(?(?:\d{1,3}|[a-z])[.)])\s*)+")
 _NAME = r"(?:[A-Z][\w'\u2019-]*\.?,?\s+){0,5}[A-Z][\w'\u2019-]*"
 # "Richard Greenham, 1531-1591." / "T. Manton." / a bare "Matthew Henry." after a sentence end.
 _ATTRIBUTIONS = (
