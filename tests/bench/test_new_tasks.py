@@ -128,9 +128,11 @@ def test_gcide_parse_blocks() -> None:
     assert (abuse.word, abuse.pos) == ("Abuse", "n.")
     assert abuse.etymology == "F. abus, L. abusus, fr. abuti. See {Abuse}, v. t."
     assert [label for label, _ in abuse.senses] == ["", "Law"]
-    assert gcide.definition_text(abuse.senses[0][1]) == "Improper treatment or use; application to a wrong or bad purpose; misuse"
-    assert gcide.definition_text(abuse.senses[1][1]) == "A wrongful using of a chattel. \"Shall flight abuse your name?\""
-    assert abuse.quotes == (("Madison.", "Liberty may be endangered by the abuses of liberty, as well as by the abuses of power."),)
+    assert gcide.definition_text(abuse.senses[0][1]) == (
+        "Improper treatment or use; application to a wrong or bad purpose; misuse")  # "; as, ..." example cut
+    assert gcide.definition_text(abuse.senses[1][1]) == 'A wrongful using of a chattel. "Shall flight abuse your name?"'
+    assert abuse.quotes == (
+        ("Madison.", "Liberty may be endangered by the abuses of liberty, as well as by the abuses of power."),)
     # a field label on the head line goes to the first sense; GCIDE's accent notation is undone
     assert (abusion.pos, abusion.etymology, abusion.senses[0][0]) == ("n.", "", "Zool.")
     assert gcide.definition_text(abusion.senses[0][1]) == "A small bird of the marshes."

@@ -50,5 +50,6 @@ def entries(name: str, install: str, root: str = str(DICTD_DIR)) -> tuple[tuple[
         span = (b64_number(parts[1]), b64_number(parts[2]))
         spans.setdefault(span, parts[0])
     return tuple(
-        (head, raw[start : start + length].decode("utf-8", errors="replace")) for (start, length), head in sorted(spans.items())
+        (head, raw[start : start + length].decode("utf-8", errors="replace"))
+        for (start, length), head in sorted(spans.items())
     )

@@ -44,7 +44,10 @@ TEMPLATES: tuple[str, ...] = (
     "this entry is about {}.", "a glossary entry on {}.",
 )
 
-_SENSE_HEAD = re.compile(r"^(?:(?P<n1>\d+)\.\s+)?(?:<(?P<tags>[^<>]{1,60})>\s*)?(?:/[^/\s][^/]{0,40}/,?\s*)?(?:(?P<n2>\d+)\.\s+)?")
+# [number.] [<labels>] [/pronunciation/] [number.] — every part optional
+_SENSE_HEAD = re.compile(
+    r"^(?:(?P<n1>\d+)\.\s+)?(?:<(?P<tags>[^<>]{1,60})>\s*)?(?:/[^/\s][^/]{0,40}/,?\s*)?(?:(?P<n2>\d+)\.\s+)?"
+)
 _DATE = re.compile(r"^\(\d{4}-\d{2}-\d{2}\)$")
 _BRACES = re.compile(r"[{}]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")

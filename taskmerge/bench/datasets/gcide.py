@@ -21,9 +21,10 @@ the first unlabelled sense of a block only in ``gcide_pos`` or, prefixed with it
 * ``gcide_author_b`` — the same over 8 other authors (:data:`AUTHORS_B`).
 * ``gcide_pos`` — first sense of a block without a field label nor a listed etymology -> the block's part of
   speech, 5 classes (noun, adjective, adverb, transitive verb, intransitive verb).
-* ``gcide_origin`` — ``"word: first sense"`` of a block whose etymology starts with a listed language (``[F.
-  abus, L. abusus ...]`` -> French) -> that language, 6 classes (:data:`ORIGINS`: Latin incl. Late and New
-  Latin, French incl. Old French, Greek, Old English (``AS.``/``OE.``), Italian, Spanish).
+* ``gcide_origin`` — ``"word: first sense"`` of a block whose etymology starts with a listed language
+  (``[F. abus, L. abusus ...]`` -> French; a leading "Cf.", "fr.", "Prob." is skipped) -> that language, 6
+  classes (:data:`ORIGINS`: Latin incl. Late and New Latin, French incl. Old French, Greek, Old English
+  (``AS.``/``OE.``), Italian, Spanish).
 
 Definition texts are the sense's first sentences (at most :data:`MAX_CHARS` characters) with cross-reference
 braces, bracketed labels, inline citations and the examples after ``; as,`` removed.
@@ -126,6 +127,11 @@ _INLINE_CITATION = re.compile(r"\s*--\s*(?:[A-Z][\w'.]*\s?){1,4}(?:[\w.]*\s?[ivx
 _BRACKETS = re.compile(r"\[[^\]]*\]")
 _ESCAPE = re.compile(r"\[(?:[\"=^'`~-](?P<a>[A-Za-z])|(?P<b>[A-Za-z])\^|(?P<c>ae|oe|AE|OE|imac|aum|yogh))\]")
 _EXAMPLES = re.compile(r";\s+as,\s.*$", re.S)
+_SOURCE_LINE = re.compile(r"\n[ \t]*\[[^\]\n]*\][ \t]*(?=\n|$)")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_UNINDENTED = re.compile(r"\n(?=\S)")
+_HEAD_LINE = re.compile(r"^[^\s\\][^\\\n]*\\[^\\\n]*\\[^\n]*", re.M)
+_POS_FIELD = re.compile(r"^(?P<pos>[^(]*?)\s*\((?P<field>[A-Z][^()]{0,30})\)")
 
 
 @dataclass(frozen=True)
@@ -145,13 +151,6 @@ def _unescape(text: str) -> str:
     """GCIDE's accent notation (``["o]``, ``[=a]``, ``[-u]``, ``[u^]``, ``[ae]``, ``[imac]``) reduced to its
     letters; other brackets (``[Obs.]``, etymologies) are left alone."""
     return _ESCAPE.sub(lambda m: m.group("a") or m.group("b") or m.group("c"), text)
-
-
-_SOURCE_LINE = re.compile(r"\n[ \t]*\[[^\]\n]*\][ \t]*(?=\n|$)")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
-_UNINDENTED = re.compile(r"\n(?=\S)")
-_HEAD_LINE = re.compile(r"^[^\s\\][^\\\n]*\\[^\\\n]*\\[^\n]*", re.M)
-_POS_FIELD = re.compile(r"^(?P<pos>[^(]*?)\s*\((?P<field>[A-Z][^()]{0,30})\)")
 
 
 def parse_blocks(entry: str) -> list[Block]:

@@ -2,10 +2,10 @@
 
 Source: the SWORD module ``MHCC`` under ``/usr/share/sword/modules/comments/zcom/mhcc`` (read with
 :mod:`.sword`): one commentary paragraph per passage ("Verses 11-15 Moses boldly owned the cause of God's
-people. ..."), 18th-century English prose. Each stored paragraph is one example: the leading passage reference
-("Verses 11-15", "Verse 3", an outline's "(1-7)") is removed, and the paragraph is clipped to its first sentences (at most
-:data:`MAX_CHARS` characters, :func:`~taskmerge.bench.datasets.markup.clip_text`). Book introductions
-(entries before a book's first passage) are examples of their book too.
+people. ..."), 18th-century English prose. Each stored paragraph is one example: passage references
+("Verses 11-15", "Verse 3", an outline's "(1-7)") are removed, and the paragraph is clipped to its first
+sentences (at most :data:`MAX_CHARS` characters, :func:`~taskmerge.bench.datasets.markup.clip_text`). Book
+introductions (entries before a book's first passage) are examples of their book too.
 
 License: public domain (module ``DistributionLicense=Public Domain``; see
 ``/usr/share/doc/sword-comm-mhcc/copyright``).

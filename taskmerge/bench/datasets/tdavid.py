@@ -90,7 +90,8 @@ def tdavid_section(seed: int = 0, protocol: str = "v2") -> TaskData:
     """Treasury of David paragraph -> commentary section, 3 classes (:data:`SECTIONS`)."""
     groups = {s: [clip_text(t, MAX_CHARS) for t in texts] for s, texts in section_paragraphs().items()}
     info = TaskInfo(
-        name="tdavid_section", source="Debian package sword-comm-tdavid (Spurgeon, The Treasury of David, SWORD TDavid)",
+        name="tdavid_section",
+        source="Debian package sword-comm-tdavid (Spurgeon, The Treasury of David, SWORD TDavid)",
         license="public domain, /usr/share/doc/sword-comm-tdavid/copyright",
         description="Treasury of David paragraph -> commentary section: " + ", ".join(SECTIONS),
         install=_INSTALL, short_name="TDavid", class_names=SECTION_NAMES, templates=TEMPLATES,
