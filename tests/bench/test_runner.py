@@ -1,14 +1,13 @@
 """End-to-end smoke run of the benchmark on a tiny random BERT and two toy tasks.
 
-Uses taskmerge's merge core when it imports; otherwise a minimal stand-in with the same API, so that this
-subpackage can be tested on its own. The reported numbers are checked against an independent
-recomputation (task arithmetic = θ₀ + λ Σ_t (θ_t − θ₀), evaluated one example at a time).
+Uses taskmerge's merge core (never a stand-in: a broken merge core must fail here). The reported numbers
+are checked against an independent recomputation (task arithmetic = θ₀ + λ Σ_t (θ_t − θ₀), evaluated one
+example at a time).
 """
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,25 +22,6 @@ TASKS = ["toy_letters", "toy_length"]
 GRID = [0.25, 0.5, 1.0]
 
 
-def _stand_in_api():
-    def merged_task_vector(base_sd, task_sds, method, options=None):
-        deltas = {k: torch.stack([sd[k].float() - v.float() for sd in task_sds]) for k, v in base_sd.items()
-                  if v.is_floating_point()}
-        if method == "task_arithmetic":
-            return {k: d.sum(0) for k, d in deltas.items()}
-        if method == "weight_averaging":
-            return {k: d.mean(0) for k, d in deltas.items()}
-        raise KeyError(method)
-
-    def apply_task_vector(base_sd, tau, lam):
-        return {k: (v.float() + lam * tau[k]).to(v.dtype) if k in tau else v for k, v in base_sd.items()}
-
-    def get_method(name):
-        return SimpleNamespace(name=name, default_lambda=1.0, lambda_grid=(0.5, 1.0))
-
-    return merged_task_vector, apply_task_vector, get_method
-
-
 @pytest.fixture(autouse=True)
 def _no_matmul_timing(monkeypatch):
     """The 2048² matmul rate takes seconds; the smoke runs record a stand-in."""
@@ -54,13 +34,8 @@ def _reference_correct(model, tokenizer, head, examples) -> np.ndarray:
 
 
 @pytest.fixture()
-def api(monkeypatch):
-    try:
-        real = runner.merge_api()
-        real[2]("task_arithmetic")
-        real[2]("weight_averaging")
-    except Exception:  # merge core not available (yet): stand-in with the documented API
-        monkeypatch.setattr(runner, "merge_api", _stand_in_api)
+def api():
+    """The real merge core's API (no stand-in that would hide a broken merge core)."""
     return runner.merge_api()
 
 
