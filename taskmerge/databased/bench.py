@@ -34,9 +34,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from taskmerge.bench.runner import _mean
+from taskmerge.bench.runner import _mean, pack_correct, unpack_correct
+from taskmerge.bench.stats import paired_bootstrap_diff_ci
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
 from taskmerge.databased.curves import write_curve
 from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
@@ -62,6 +64,13 @@ def _accuracies(evaluator: Any, state: Mapping[str, torch.Tensor], heads: Mappin
                 data: Mapping[str, Any], split: str) -> dict[str, float]:
     evaluator.load(state)
     return {n: evaluator.accuracy(heads[n], data[n].split(split)) for n in heads}
+
+
+def _correct(evaluator: Any, state: Mapping[str, torch.Tensor], heads: Mapping[str, Any],
+             data: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Per task, which test examples the heads classify right under ``state``."""
+    evaluator.load(state)
+    return {n: evaluator.correct(heads[n], data[n].test) for n in heads}
 
 
 def _unlabeled(tokenizer: Any, data: Mapping[str, Any], split: str, max_length: int) -> list[TokenInputs]:
@@ -152,7 +161,8 @@ def evaluate_databased(
     result = spec.fn(base_sd, task_sds, head_list, list(inputs), parsed, **kwargs)
     seconds = time.perf_counter() - t0
     new_heads = dict(zip(names, result.heads))
-    test = _accuracies(evaluator, result.state_dict, new_heads, data, "test")
+    correct = _correct(evaluator, result.state_dict, new_heads, data)
+    test = {n: float(c.mean()) for n, c in correct.items()}
     val = {n: evaluator.accuracy(new_heads[n], data[n].val) for n in names}
     unseen_test = ({n: evaluator.accuracy(unseen_heads[n], unseen_data[n].test) for n in unseen_data}
                    if unseen_data and unseen_heads else {})
@@ -185,6 +195,7 @@ def evaluate_databased(
         "start_lambda": float(start_lambda),
         "lambda": float(start_lambda),
         "unseen_test": unseen_test,
+        "correct_test": {n: pack_correct(c) for n, c in correct.items()},
         "adapt_split": adapt_split,
         "protocol": protocol_of(adapt_split),
         "uses_labels": uses_labels,
@@ -222,6 +233,7 @@ def run_databased(
     cache: Path | None = None,
     num_threads: int | None = None,
     progress: bool = True,
+    n_boot: int = 1000,
 ) -> dict[str, Any]:
     """Run data-based configurations on the benchmark (module docstring).
 
@@ -236,6 +248,8 @@ def run_databased(
             protocol; ``"val"``: the inductive variant); a configuration's ``"adapt_split"`` key overrides it.
         protocol: the benchmark's split protocol (``"v2"`` or ``"v1"``, :func:`taskmerge.bench.datasets.load_task`);
             a named recipe takes the protocol's head, as in :func:`taskmerge.bench.runner.run_benchmark`.
+        n_boot: bootstrap replicates of each row's 95 % interval of its Δ vs its start (``delta_ci95``: paired,
+            resampling the test examples within each task, :func:`taskmerge.bench.stats.paired_bootstrap_diff_ci`).
         out_dir, stem: write ``<out_dir>/<stem>.json`` and ``.md``, and every run's loss curve to
             ``<out_dir>/<stem>_curves/`` (``out_dir=None``: nothing written).
         reference: a results JSON of an earlier run on the same checkpoints — this module's or
@@ -290,6 +304,7 @@ def run_databased(
     known = dict(start_lambdas or {})
     vectors: dict[str, dict[str, torch.Tensor]] = {}
     tokenized: dict[str, list[TokenInputs]] = {}
+    starts_correct: dict[str, dict[str, np.ndarray]] = {}
 
     def start(method: str) -> tuple[float, dict[str, torch.Tensor]]:
         if method in vectors:
@@ -304,6 +319,10 @@ def run_databased(
                                          "options": s_opts.get(method, {}), "val_curve": reused.get("val_curve", []),
                                          "reused_from": str(reference), "seconds": time.perf_counter() - t0}
             vectors[method] = tau
+            packed = reused.get("correct_test")
+            starts_correct[method] = ({n: unpack_correct(packed[n], len(data[n].test)) for n in names} if packed else
+                                      _correct(ev, apply_task_vector(base_sd, tau, float(reused["lambda"])), heads, data))
+            results["starts"][method]["correct_test"] = {n: pack_correct(c) for n, c in starts_correct[method].items()}
             return float(reused["lambda"]), tau
         if method in known:
             lam = float(known[method])
@@ -316,9 +335,11 @@ def run_databased(
 
             lam, _, curve = sweep_lambda(list(tqdm(grid, desc=f"λ sweep {method}", disable=not progress, leave=False)),
                                          score, patience)
-        test = _accuracies(ev, apply_task_vector(base_sd, tau, lam), heads, data, "test")
+        starts_correct[method] = _correct(ev, apply_task_vector(base_sd, tau, lam), heads, data)
+        test = {n: float(c.mean()) for n, c in starts_correct[method].items()}
         results["starts"][method] = {**_summary(test, ft_test), "lambda": lam, "options": s_opts.get(method, {}),
-                                     "val_curve": curve, "seconds": time.perf_counter() - t0}
+                                     "val_curve": curve, "seconds": time.perf_counter() - t0,
+                                     "correct_test": {n: pack_correct(c) for n, c in starts_correct[method].items()}}
         logger.info("start %s: λ=%g test avg %.4f (normalized %.4f)", method, lam,
                     results["starts"][method]["avg_test"], results["starts"][method]["avg_normalized_test"])
         vectors[method] = tau
@@ -346,6 +367,10 @@ def run_databased(
         start_res = results["starts"][smethod]
         res["delta_avg_test"] = res["avg_test"] - start_res["avg_test"]
         res["delta_avg_normalized_test"] = res["avg_normalized_test"] - start_res["avg_normalized_test"]
+        mine = {n: unpack_correct(res["correct_test"][n], len(data[n].test)) for n in names}
+        res["delta_ci95"] = {  # paired bootstrap over the test examples (same resamples for the row and its start)
+            "avg_test": list(paired_bootstrap_diff_ci(mine, starts_correct[smethod], None, n_boot)),
+            "avg_normalized_test": list(paired_bootstrap_diff_ci(mine, starts_correct[smethod], dict(ft_test), n_boot))}
         name = cfg.get("name", method)
         if out_dir is not None:
             res["curve"] = write_curve(Path(out_dir) / f"{stem}_curves", name, res)
@@ -437,6 +462,13 @@ def _adapt_cell(r: Mapping[str, Any]) -> str:
     return f"{split} ({r.get('protocol', protocol_of(split))}{share})"
 
 
+def _delta(r: Mapping[str, Any], key: str) -> str:
+    """``Δ [low, high]`` in points: the row's change vs its start with its paired-bootstrap 95 % interval."""
+    d = 100 * r[f"delta_{key}"]
+    ci = (r.get("delta_ci95") or {}).get(key)
+    return f"{d:+.1f}" if not ci else f"{d:+.1f} [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None or x != x else format(x, spec)
 
@@ -460,7 +492,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         "- Data-free starts: λ chosen on validation (average normalised accuracy). Data-based rows start from the "
         "start named in their row at that λ and adapt on the unlabeled texts (labels dropped) of the split in "
         "column *adapt on*: `test` = transductive (the papers' test-time adaptation), `val` = inductive. Column "
-        "*labels*: `none`, or the labels a row's variant reads (MDA-AM `class_means=labels`: validation labels).",
+        "*labels*: `none`, or the labels a row's variant reads (MDA-AM `class_means=labels`: validation labels). "
+        "Δ vs start in points, with its 95 % paired-bootstrap interval over the test examples.",
         "",
         "## Absolute test accuracy (%)",
         "",
@@ -468,7 +501,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|" + "---|" * (len(cols) + 2),
     ]
     pre, ft = results["pretrained"], results["finetuned"]
-    lines.append("| Pretrained (LP heads) | – | – | – | – | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
+    lines.append("| Pretrained (task heads) | – | – | – | – | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
                  + f" | {_pct(pre['avg_test'])} | |")
     lines.append("| Fine-tuned (individual) | – | – | – | – | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
                  + f" | {_pct(ft['avg_test'])} | |")
@@ -476,24 +509,22 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         lines.append(f"| {name} (data-free) | λ={r['lambda']:g} | – | – | – | "
                      + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | |")
     for name, r in results["methods"].items():
-        d = 100 * r["delta_avg_test"]
         o = r["options"]
         lines.append(f"| {name} | {r['start_method']} ({r['start_lambda']:g}) | {_adapt_cell(r)} | "
                      f"{r.get('label_source') or 'none'} | {o['steps']} × {o['batch_size']} | "
-                     + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | {d:+.1f} |")
+                     + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | {_delta(r, 'avg_test')} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | adapt on | labels | " + " | ".join(cols) + " | Avg | Δ vs start |",
               "|---|---|---|" + "---|" * (len(cols) + 2)]
-    lines.append("| Pretrained (LP heads) | – | – | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
+    lines.append("| Pretrained (task heads) | – | – | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
                  + f" | {_pct(pre['avg_normalized_test'])} | |")
     for name, r in results["starts"].items():
         lines.append(f"| {name} (data-free) | – | – | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
                      + f" | {_pct(r['avg_normalized_test'])} | |")
     for name, r in results["methods"].items():
-        d = 100 * r["delta_avg_normalized_test"]
         lines.append(f"| {name} | {_adapt_cell(r)} | {r.get('label_source') or 'none'} | "
                      + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
-                     + f" | {_pct(r['avg_normalized_test'])} | {d:+.1f} |")
+                     + f" | {_pct(r['avg_normalized_test'])} | {_delta(r, 'avg_normalized_test')} |")
     lines += ["", "## Training and convergence", "",
               "*still falling*: the least-squares slope of the per-step loss over the last 10 % of steps is below "
               "−2 standard errors (`taskmerge.databased.loop.tail_trend`); *tail Δ*: the fitted change of the loss "

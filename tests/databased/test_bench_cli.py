@@ -71,6 +71,8 @@ def test_run_databased_on_the_tiny_benchmark(tmp_path: Path, monkeypatch: pytest
         # drop-in rows for taskmerge.bench.runner's results["methods"] (its markdown_report reads these keys)
         assert {"test", "normalized_test", "avg_test", "avg_normalized_test", "lambda", "unseen_test"} <= set(r)
         assert r["delta_avg_test"] == pytest.approx(r["avg_test"] - res["starts"][r["start_method"]]["avg_test"])
+        d, lo, hi = r["delta_ci95"]["avg_test"]
+        assert d == pytest.approx(r["delta_avg_test"]) and lo <= d <= hi
         for t, acc in r["test"].items():
             assert r["normalized_test"][t] == pytest.approx(acc / res["finetuned"]["test"][t])
         curve = json.loads(Path(r["curve"]["json"]).read_text())
