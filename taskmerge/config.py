@@ -79,8 +79,9 @@ class DataConfig(BaseModel):
         split: the benchmark split whose texts (labels dropped) are the unlabeled inputs.
         heads: one head file per task (safetensors with ``weight`` and ``bias``); default: ``head.safetensors``
             in each model folder or in its parent (the benchmark's checkpoint layout).
-        labeled: MDA-AM's class means: one ``label<TAB>text`` file per task; with ``tasks``, the benchmark's
-            validation split is used when this is omitted.
+        labeled: only for MDA-AM's ``class_means: labels`` variant (by default no data-based method reads a
+            label): one ``label<TAB>text`` file per task; with ``tasks``, the benchmark's validation split is
+            used when this is omitted.
         max_length: tokenisation length.
         normalize: L2-normalise the pooled features (default: as the heads say, else true).
     """
