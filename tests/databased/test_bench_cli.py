@@ -96,7 +96,7 @@ def _tiny_folder(path: Path, sd: dict[str, torch.Tensor] | None = None) -> None:
     bb.tokenizer.save_pretrained(str(path))
 
 
-def test_cli_merge_with_a_data_section(tmp_path: Path) -> None:
+def test_cli_merge_with_a_data_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModel
 
@@ -129,3 +129,10 @@ def test_cli_merge_with_a_data_section(tmp_path: Path) -> None:
     cfg3 = {**cfg, "method": "task_arithmetic", "options": {}, "output": str(tmp_path / "o3")}
     (tmp_path / "c3.yaml").write_text(yaml.safe_dump(cfg3))
     assert main(["merge", str(tmp_path / "c3.yaml")]) == 2
+    # labelled files are refused unless MDA-AM's class_means=labels variant asks for them
+    (tmp_path / "l0.txt").write_text("0\texample\n1\tother\n")
+    cfg4 = {**cfg, "output": str(tmp_path / "o4"), "data": {"inputs": texts, "labeled": [str(tmp_path / "l0.txt")] * 2}}
+    (tmp_path / "c4.yaml").write_text(yaml.safe_dump(cfg4))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "c4.yaml")]) == 2
+    assert "class_means" in capsys.readouterr().err and not (tmp_path / "o4").exists()
