@@ -102,7 +102,7 @@ def method_seconds(method: str, base: dict[str, torch.Tensor], task_sds: Sequenc
 
 def measure(backbone: str = "minilm", tasks: str | None = None, methods: Sequence[str] = ("adamerging", "mda_am", "moma"),
             steps: int = 6, warmup: int = 2, split: str = "test", protocol: str = "v2", max_length: int = 48,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, chunk_overhead: float = 64.0) -> dict[str, Any]:
     """Everything the module docstring describes, as a dict."""
     from taskmerge.bench.backbone import load_backbone
     from taskmerge.bench.datasets import load_task, resolve_tasks
@@ -119,7 +119,7 @@ def measure(backbone: str = "minilm", tasks: str | None = None, methods: Sequenc
     gen = torch.Generator().manual_seed(1)
     heads = [LinearHead(torch.randn(data[n].num_classes, bb.hidden_size, generator=gen), torch.zeros(data[n].num_classes))
              for n in names]
-    encoder = FunctionalEncoder(bb.model, base, mean_pool_features(True))
+    encoder = FunctionalEncoder(bb.model, base, mean_pool_features(True), chunk_overhead=chunk_overhead)
     rows = {m: method_seconds(m, base, task_sds, heads, inputs, encoder, steps, warmup) for m in methods}
     floors = {bs: floor_seconds(encoder, base, inputs, bs, steps, warmup) for bs in sorted({r["batch_size"] for r in rows.values()})}
     for r in rows.values():
@@ -129,6 +129,7 @@ def measure(backbone: str = "minilm", tasks: str | None = None, methods: Sequenc
         r["projected_run_seconds"] = r["median_step_seconds"] * r["default_steps"] + r["setup_seconds"]
     tokens = [sum(x.lengths()) / len(x) for x in inputs]
     return {"backbone": bb.name, "tasks": names, "split": split, "protocol": protocol, "threads": n_threads,
+            "chunk_overhead": chunk_overhead,
             "steps_timed": steps, "warmup": warmup, "mean_tokens_per_input": dict(zip(names, tokens)),
             "machine": machine_info(), "methods": rows,
             "floors": {str(bs): v for bs, v in floors.items()}}
@@ -159,10 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--protocol", default="v2", choices=["v1", "v2"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--chunk-overhead", type=float, default=64.0,
+                   help="cost of one more forward in padded tokens, for the length chunks (FunctionalEncoder's)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     res = measure(args.backbone, args.tasks, [m for m in args.methods.split(",") if m], args.steps, args.warmup,
-                  args.split, args.protocol, threads=args.threads)
+                  args.split, args.protocol, threads=args.threads, chunk_overhead=args.chunk_overhead)
     text = json.dumps(res, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
