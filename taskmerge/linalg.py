@@ -10,14 +10,21 @@ input's floating dtype (callers pass float32 or float64 task vectors).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+import math
+from typing import Literal, NamedTuple
 
 import torch
 
 __all__ = [
     "SVD",
+    "SvdRoute",
+    "SVD_ROUTE_DESCRIPTION",
+    "CERTIFIED_TOL",
+    "TopKInfo",
     "svd",
     "truncated_svd",
+    "certified_top_k",
     "lowrank_svd",
     "LowRank",
     "hstack_lowrank_svd",
@@ -41,6 +48,24 @@ _GRAM_RELATIVE_FLOOR = 1e-6
 # (cond(A) < 1e5, error ~1e-8); a float32 Gram would lose ~eps·cond(A)² and fail its check on most
 # merging inputs anyway (TSV-M's concatenated bases), costing an eigendecomposition for nothing.
 _POLAR_CONDITION_FLOOR = 1e-10
+
+logger = logging.getLogger(__name__)
+
+#: How a top-k SVD is computed: ``exact`` (:func:`truncated_svd`'s dense route) or ``certified``
+#: (:func:`certified_top_k`: an iterative top-k whose every triplet is checked, else the exact route).
+SvdRoute = Literal["exact", "certified"]
+#: The ``svd`` option's description, shared by the methods that take it (TSV-M, Iso-CTS, DC-Merge, AlignMerge-O, KnOTS).
+SVD_ROUTE_DESCRIPTION = (
+    "how the top-k SVDs are computed: 'exact' (dense: float64 Gram eigenpairs or a full SVD) or 'certified' "
+    "(randomized subspace iteration until every kept triplet's residuals are below 1e-5·σ₁, float64 Gram "
+    "eigenpairs with the same check where k is large, else the exact route: linalg.certified_top_k)"
+)
+#: The certified route's default tolerance: every kept triplet's residuals at most this times σ₁.
+CERTIFIED_TOL = 1e-5
+# The certified route's iteration budget, and the largest block (k + oversampling) relative to min(m, n)
+# for which an iteration is tried at all: beyond it one iteration costs about as much as a dense decomposition.
+_CERTIFIED_MAX_ITER = 30
+_CERTIFIED_MAX_BLOCK = 0.5
 
 
 class SVD(NamedTuple):
@@ -69,14 +94,21 @@ def svd(matrix: torch.Tensor) -> SVD:
     return SVD(U, S, Vh)
 
 
-def truncated_svd(matrix: torch.Tensor, k: int) -> SVD:
-    """Exact top-``k`` singular triplets of ``matrix``.
+def truncated_svd(matrix: torch.Tensor, k: int, route: SvdRoute = "exact", *, seed: int = 0) -> SVD:
+    """Top-``k`` singular triplets of ``matrix``, by the exact route or the certified one (``route``).
 
-    When ``k`` is at most half of ``min(m, n)`` the triplets come from the symmetric eigenproblem of
-    the smaller Gram matrix (``AᵀA`` or ``AAᵀ``) in float64, cheaper than a full SVD, unless the kept
+    ``exact``: when ``k`` is at most half of ``min(m, n)`` the triplets come from the symmetric eigenproblem
+    of the smaller Gram matrix (``AᵀA`` or ``AAᵀ``) in float64, cheaper than a full SVD, unless the kept
     spectrum spans too many orders of magnitude for it; then by a full SVD (see ``_GRAM_RELATIVE_FLOOR``).
     The result equals the first ``k`` triplets of :func:`svd` up to the sign of each singular pair.
+
+    ``certified``: :func:`certified_top_k` with its default tolerance (``seed`` seeds its start), which
+    falls back to the exact route itself when it cannot certify its triplets.
     """
+    if route == "certified":
+        return certified_top_k(matrix, k, seed=seed)[0]
+    if route != "exact":
+        raise ValueError(f"truncated_svd: unknown route {route!r}; expected exact or certified")
     if matrix.ndim != 2:
         raise ValueError(f"truncated_svd expects a 2-D tensor, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
@@ -92,6 +124,151 @@ def truncated_svd(matrix: torch.Tensor, k: int) -> SVD:
             return SVD(*(t.to(matrix.dtype) for t in result))
     full = svd(matrix)
     return SVD(full.U[:, :k], full.S[:k], full.Vh[:k])
+
+
+class TopKInfo(NamedTuple):
+    """How :func:`certified_top_k` obtained its triplets.
+
+    ``route``: ``certified`` (triplets of a fast route, each checked) or ``exact`` (the fall-back);
+    ``reason``: ``converged`` (the iteration's) or ``gram`` (k plus the oversampling exceeds half of min(m, n),
+    where an iteration would cost as much as a dense decomposition: the float64 Gram eigenpairs, checked), or
+    why the exact route was taken: ``block`` (k = 0), ``zero`` (a zero matrix), ``stalled`` (the residuals'
+    decay, extrapolated, would not reach the tolerance within the budget), ``budget`` (``max_iter``
+    iterations without convergence) or ``gram-residual`` (the Gram triplets failed their check: a kept
+    σ_i too small against σ₁ for the squared condition number); ``iterations`` run; ``residual``: the certificate's error measure at the last iteration, the larger of
+    the largest residual over σ₁ and Wedin's subspace bound (:func:`certified_top_k`; NaN when none ran).
+    """
+
+    route: str
+    reason: str
+    iterations: int
+    residual: float
+
+
+def certified_top_k(matrix: torch.Tensor, k: int, *, tol: float = CERTIFIED_TOL, max_iter: int = _CERTIFIED_MAX_ITER,
+                    oversample: int | None = None, seed: int = 0) -> tuple[SVD, TopKInfo]:
+    """Top-``k`` singular triplets by randomized subspace iteration, certified by their residuals.
+
+    Halko, Martinsson & Tropp (SIAM Review 2011), Alg. 4.4 (subspace iteration) with a Rayleigh–Ritz step
+    every iteration: on the tall orientation (A is m × n, m ≥ n; a wide matrix is taken transposed) a
+    seeded Gaussian block ``Ω`` (n × l, ``l = k + oversample``; by default ``l = 2k`` where that is at most
+    n/2, else n/2, and at least k + 8) gives ``Y = A Ω``; each iteration orthonormalises ``Q = orth(Y)``,
+    forms ``B = QᵀA`` (as ``Z = AᵀQ``), takes the SVD ``B = W Σ Xᵀ`` (via ``Z = P R`` and the SVD of the
+    l × l ``Rᵀ``) and the Ritz triplets ``u_i = Q w_i``, ``σ_i``, ``v_i = P x_i``; then ``Y = A V`` is both
+    the next iteration's block and the residuals ``r_i = ‖A v_i − σ_i u_i‖``.
+
+    **Certificate.** The iteration stops when, over the kept triplets (i < k), both
+    ``max_i r_i ≤ tol · σ₁`` (each is an exact triplet of a matrix within ``√2 · tol · σ₁`` of A) and Wedin's
+    bound ``‖(r_1 … r_k)‖ / (σ_k − σ_{k+1}) ≤ tol`` on the sine of the angle between the computed and the exact
+    top-k singular subspaces (σ_{k+1}: the first Ritz value not kept), and the same for the other residuals
+    ``‖Aᵀ u_i − σ_i v_i‖`` (zero by construction up to rounding, computed once). The residual alone, as first
+    specified, is not enough for the merging methods: TSV-M's polar factors and Iso-CTS's flat spectrum use
+    the kept *directions* whatever their σ, and a triplet near k with σ_k ≈ 1e-4 σ₁ passes a 1e-5 · σ₁
+    residual with a direction off by ~σ_k/gap (measured: TSV-M 2e-4, Iso-CTS 9e-4 from the exact route).
+    That the triplets are the *top* k relies on the random start, as in any randomized method.
+
+    When the block would exceed half of min(m, n) the triplets come instead from the float64 Gram matrix
+    ``AᵀA``'s eigenpairs, checked the same way (every k, KnOTS's full decomposition included; cheaper than an
+    SVD for a tall matrix). It falls back to the exact :func:`truncated_svd` (``TopKInfo.route == "exact"``,
+    logged at DEBUG) when a check fails, or when the error measure, decaying geometrically at the rate of
+    the last iterations, would not reach the tolerance within the budget (checked from the third iteration
+    on, so a flat spectrum costs about three iterations before the dense route), or after the budget:
+    ``max_iter``, lowered to the number of iterations that cost as much as the exact route (a flop estimate,
+    in the code), so the iteration is only pursued while it can be cheaper. Everything runs in float64
+    (float32 products would floor the residuals at ~1e-6 · σ₁, above what the subspace bound needs); the
+    result comes back in the input's dtype; deterministic for a given ``seed``.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"certified_top_k expects a 2-D tensor, got shape {tuple(matrix.shape)}")
+    if k < 0:
+        raise ValueError(f"certified_top_k: k must be non-negative, got {k}")
+    if not tol > 0 or max_iter < 1:
+        raise ValueError(f"certified_top_k: tol must be > 0 and max_iter >= 1, got {tol} and {max_iter}")
+    m, n = matrix.shape
+    if m < n:
+        dec, info = certified_top_k(matrix.T, k, tol=tol, max_iter=max_iter, oversample=oversample, seed=seed)
+        return SVD(dec.Vh.T, dec.S, dec.U.T), info
+    k = min(k, n)
+    if oversample is None:  # l = 2k where it fits in half of n (fewer iterations: σ_{l+1}/σ_k is smaller)
+        oversample = max(8, min(k, int(_CERTIFIED_MAX_BLOCK * n) - k))
+    block = k + oversample
+
+    def exact(reason: str, iterations: int = 0, residual: float = math.nan) -> tuple[SVD, TopKInfo]:
+        if reason not in ("block", "zero"):
+            logger.debug("certified top-%d of a %d×%d matrix: %s after %d iteration(s) (residual %.2e σ₁); "
+                         "exact route", k, m, n, reason, iterations, residual)
+        return truncated_svd(matrix, k), TopKInfo("exact", reason, iterations, residual)
+
+    if k == 0:
+        return exact("block")
+    if block > _CERTIFIED_MAX_BLOCK * n:
+        return _certified_gram(matrix, k, tol, exact)
+    # No more iterations than the exact route's cost allows: ~4mnl + 4(m + n)l² flops per iteration against
+    # ~2mn² + 10n³ for the Gram product and its eigendecomposition (measured: an eigh's flops run ~3-5×
+    # slower than a product's), so a fall-back costs at most about twice the exact route.
+    affordable = (2 * m * n * n + 10 * n**3) / (4 * m * n * block + 4 * (m + n) * block**2)
+    max_iter = max(1, min(max_iter, int(affordable)))
+    a = matrix.to(torch.float64)
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    y = a @ torch.randn(n, block, generator=gen, device=a.device, dtype=a.dtype)
+    history: list[float] = []
+    for it in range(1, max_iter + 1):
+        q, _ = torch.linalg.qr(y)
+        p, r = torch.linalg.qr(a.T @ q)
+        w, s, xh = torch.linalg.svd(r.T)
+        if not float(s[0]) > 0:
+            return exact("zero", it)
+        u = q @ w[:, :k]
+        v_all = p @ xh.T
+        y = a @ v_all  # A V for the whole block: the next iteration's sample
+        res = (y[:, :k] - u * s[:k]).norm(dim=0)
+        worst = _certificate(res, s, k)
+        if worst <= tol:
+            v = v_all[:, :k]
+            other = _certificate((a.T @ u - v * s[:k]).norm(dim=0), s, k)
+            if other <= tol:
+                dt = matrix.dtype
+                dec = SVD(u.to(dt), s[:k].to(dt), v.T.contiguous().to(dt))
+                return dec, TopKInfo("certified", "converged", it, max(worst, other))
+        history.append(worst)
+        if len(history) >= 3:
+            rate = math.sqrt(history[-1] / history[-3]) if history[-3] > 0 else 1.0
+            if rate >= 1.0 or it + math.log(tol / worst) / math.log(rate) > max_iter:
+                return exact("stalled", it, worst)
+    return exact("budget", max_iter, history[-1])
+
+
+def _certificate(residuals: torch.Tensor, s: torch.Tensor, k: int) -> float:
+    """The certified route's error measure of k kept triplets: the larger of the largest residual over σ₁ and
+    Wedin's bound ``‖R‖_F / (σ_k − σ_{k+1})`` on the sine of the angle between the computed and the exact top-k
+    singular subspaces (``s``: the Ritz values, σ_{k+1} the first one not kept, 0 when there is none)."""
+    gap = float(s[k - 1] - s[k]) if s.numel() > k else float(s[k - 1])
+    subspace = float(residuals.norm()) / gap if gap > 0 else math.inf
+    return max(float(residuals.max()) / float(s[0]), subspace)
+
+
+def _certified_gram(matrix: torch.Tensor, k: int, tol: float, exact) -> tuple[SVD, TopKInfo]:
+    """The certified route where no iteration pays (k large against n): the top-k eigenpairs of the float64
+    Gram matrix ``AᵀA`` (A tall), ``v_i`` its eigenvectors, ``u_i = A v_i / σ_i``, accepted when the kept
+    triplets pass :func:`_certificate` (residuals against A in float64); else ``exact(reason)``."""
+    a = matrix.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(a.T @ a)
+    s_all = evals.flip(0).clamp_min(0).sqrt()
+    if not float(s_all[0]) > 0:
+        return exact("zero")
+    s = s_all[:k]
+    v = evecs[:, -k:].flip(1)
+    av = a @ v
+    if not float(s[-1]) > 0:
+        return exact("gram-residual", 1, math.inf)
+    u = av / s
+    # ‖A v_i − σ_i u_i‖ = 0 by construction of u_i; ‖Aᵀu_i − σ_i v_i‖ = ‖AᵀA v_i − λ_i v_i‖ / σ_i, and u_i's
+    # norm (1 in exact arithmetic) measures the first residual's rounding: ‖A v_i‖ − σ_i.
+    worst = _certificate(torch.maximum((a.T @ u - v * s).norm(dim=0), (av.norm(dim=0) - s).abs()), s_all, k)
+    if worst > tol:
+        return exact("gram-residual", 1, worst)
+    dt = matrix.dtype
+    return SVD(u.to(dt), s.to(dt), v.T.contiguous().to(dt)), TopKInfo("certified", "gram", 1, worst)
 
 
 def _gram_top_k(a: torch.Tensor, k: int, floor: float) -> SVD | None:

@@ -320,15 +320,19 @@ class AlignMergeOOptions(MethodOptions):
         ge=1,
         description="L, components per task (>= 1, capped at min(m, n)); default ⌊(min(m, n) − 1)/K⌋, at least 1",
     )
+    svd: linalg.SvdRoute = Field("exact", description=linalg.SVD_ROUTE_DESCRIPTION)
 
 
 def aligned_bases(
-    deltas: torch.Tensor, L: int, sign_reference: Literal["sum_top", "first_task"] = "sum_top"
+    deltas: torch.Tensor, L: int, sign_reference: Literal["sum_top", "first_task"] = "sum_top",
+    svd: linalg.SvdRoute = "exact",
 ) -> linalg.SVD:
-    """Steps 1–4 of AlignMerge-O: the whitened ``(Û⊥, σ̂, V̂⊥ᵀ)`` with the aligned top component extracted."""
+    """Steps 1–4 of AlignMerge-O: the whitened ``(Û⊥, σ̂, V̂⊥ᵀ)`` with the aligned top component extracted.
+
+    ``svd`` picks how the per-task top-L SVDs are computed (:func:`taskmerge.linalg.truncated_svd`)."""
     K, m, n = deltas.shape
     tol = _tolerance((m, n), deltas.dtype)
-    svds = [linalg.truncated_svd(d, L) for d in deltas]
+    svds = [linalg.truncated_svd(d, L, svd) for d in deltas]
     U = torch.stack([s.U for s in svds])  # (K, m, L)
     S = torch.stack([s.S for s in svds])  # (K, L)
     V = torch.stack([s.Vh.T for s in svds])  # (K, n, L)
@@ -397,9 +401,9 @@ def alignmerge_o(deltas: torch.Tensor, options: AlignMergeOOptions, ctx: LayerCo
     L = options.components_per_task if options.components_per_task is not None else max(1, (R - 1) // K)
     L = min(L, R)
     if options.extract_aligned:
-        bases = aligned_bases(deltas, L, options.sign_reference)
+        bases = aligned_bases(deltas, L, options.sign_reference, options.svd)
     else:
-        bases = tsv_bases(deltas, L)
+        bases = tsv_bases(deltas, L, svd=options.svd)
     if bases.S.numel() == 0:
         return deltas.new_zeros(m, n)
     if not options.divide_eta:

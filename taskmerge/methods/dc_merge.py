@@ -95,7 +95,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from taskmerge.errors import OptionError
-from taskmerge.linalg import SVD, LowRank, polar, svd, truncated_svd
+from taskmerge.linalg import SVD, SVD_ROUTE_DESCRIPTION, LowRank, SvdRoute, polar, svd, truncated_svd
 from taskmerge.methods.ties import ties_merge
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
@@ -173,6 +173,7 @@ class DCMergeOptions(MethodOptions):
         "(None: max(rows, k)·eps)",
     )
     lowrank: bool = Field(True, description="take the per-task SVDs from LoRA factors when the engine provides them")
+    svd: SvdRoute = Field("exact", description=SVD_ROUTE_DESCRIPTION)
     tensor_rule: Literal["library", "official"] = Field(
         "library",
         description=(
@@ -491,7 +492,7 @@ def dc_merge(
 
     us, ss, vhs = [], [], []
     for i in range(t_eff):
-        dec = _padded_svd(parts[i], r) if parts is not None else truncated_svd(x[i], r)
+        dec = _padded_svd(parts[i], r) if parts is not None else truncated_svd(x[i], r, opts.svd)
         us.append(dec.U)
         ss.append(dec.S)
         vhs.append(dec.Vh)

@@ -111,6 +111,7 @@ class IsoCtsOptions(MethodOptions):
         "the LoRA task updates can span (the paper's LoRA protocol)"))
     lowrank: bool = Field(True, description=(
         "with subspace=lora: compute the SVDs from the LoRA factors when the inputs are adapters (same result)"))
+    svd: linalg.SvdRoute = Field("exact", description=linalg.SVD_ROUTE_DESCRIPTION)
 
 
 class IsoBases(NamedTuple):
@@ -132,11 +133,11 @@ class IsoBases(NamedTuple):
         return (self.U @ self.Vh).mul_(self.S.mean())
 
 
-def _tall_truncated_svd(a: torch.Tensor, k: int) -> linalg.SVD:
+def _tall_truncated_svd(a: torch.Tensor, k: int, svd: linalg.SvdRoute = "exact") -> linalg.SVD:
     """:func:`linalg.truncated_svd` computed on the tall orientation (LAPACK is several times slower on wide)."""
     if a.shape[0] >= a.shape[1]:
-        return linalg.truncated_svd(a, k)
-    d = linalg.truncated_svd(a.T, k)
+        return linalg.truncated_svd(a, k, svd)
+    d = linalg.truncated_svd(a.T, k, svd)
     return linalg.SVD(d.Vh.T, d.S, d.U.T)
 
 
@@ -198,6 +199,7 @@ def iso_cts_bases(
     subspace: Subspace = "full",
     factors: Sequence[linalg.LowRank] | None = None,
     lowrank: bool = True,
+    svd: linalg.SvdRoute = "exact",
 ) -> IsoBases:
     """The Iso-CTS factors ``(U*, S, V*ᵀ)`` of a stack (T, m, n); the merged update is ``S.mean() · U* V*ᵀ``.
 
@@ -206,7 +208,8 @@ def iso_cts_bases(
     R = :func:`iso_lora_rank` directions, ``S`` has R entries and the bases may have fewer columns (module
     docstring); ``factors`` (one :class:`linalg.LowRank` per task, ``factors[t].dense() == deltas[t]``) then
     give the ranks and, with ``lowrank``, the SVDs (``deltas`` is only read for its shape, dtype and device).
-    ``common_fraction = 1`` gives Iso-C. ``factors`` are ignored with ``subspace = "full"``.
+    ``common_fraction = 1`` gives Iso-C. ``factors`` are ignored with ``subspace = "full"``. ``svd`` picks how
+    the dense top-k SVDs (the common one and the tasks') are computed (:func:`taskmerge.linalg.truncated_svd`).
     """
     if deltas.ndim != 3:
         raise ValueError(f"iso_cts expects (T, m, n) task updates, got shape {tuple(deltas.shape)}")
@@ -233,7 +236,7 @@ def iso_cts_bases(
         common = linalg.lowrank_sum(parts).svd(k if s > 0 else r)
     else:
         total = deltas.sum(dim=0)
-        common = _tall_truncated_svd(total, k if s > 0 else r)
+        common = _tall_truncated_svd(total, k if s > 0 else r, svd)
         del total
     common = _nonnull(common, tol)
     if s == 0:
@@ -245,7 +248,7 @@ def iso_cts_bases(
             p = parts[i]
             part = linalg.LowRank(linalg.project_out(u_k, p.B), p.A, p.scale).svd(s)
         else:
-            part = _tall_truncated_svd(linalg.project_out(u_k, deltas[i]), s)
+            part = _tall_truncated_svd(linalg.project_out(u_k, deltas[i]), s, svd)
         part = _nonnull(part, tol)
         us.append(part.U)
         ss.append(part.S)
@@ -298,5 +301,5 @@ def iso_c(deltas: torch.Tensor, options: IsoCOptions, ctx: LayerContext) -> torc
 def iso_cts(deltas: torch.Tensor, options: IsoCtsOptions, ctx: LayerContext) -> torch.Tensor:
     """Iso-CTS of one weight matrix: ``σ̄ U* V*ᵀ``."""
     bases = iso_cts_bases(deltas, options.common_fraction, subspace=options.subspace, factors=ctx.factors,
-                          lowrank=options.lowrank)
+                          lowrank=options.lowrank, svd=options.svd)
     return bases.merged()

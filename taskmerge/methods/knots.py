@@ -98,6 +98,8 @@ class KnotsOptions(MethodOptions):
         "dtype of the SVD of the concatenated task updates (the official float64)"))
     lowrank: bool = Field(True, description=(
         "compute the SVD from the LoRA factors when the inputs are adapters (same result, no m × n SVD)"))
+    svd: linalg.SvdRoute = Field("exact", description=linalg.SVD_ROUTE_DESCRIPTION + (
+        "; for KnOTS every triplet of the concatenation is kept, so certified is the checked Gram route"))
 
     @property
     def resolved_keep(self) -> float:
@@ -112,10 +114,12 @@ class KnotsOptions(MethodOptions):
         return self.scope == "global" and self.resolved_keep < 1.0
 
 
-def _dense_concat_svd(deltas: torch.Tensor, dtype: torch.dtype) -> linalg.SVD:
-    """Thin SVD of [Δ_1 … Δ_T] (O × T·I)."""
+def _dense_concat_svd(deltas: torch.Tensor, dtype: torch.dtype, svd: linalg.SvdRoute = "exact") -> linalg.SVD:
+    """Thin SVD of [Δ_1 … Δ_T] (O × T·I): LAPACK's (``exact``) or the float64 Gram eigenpairs with every
+    triplet's residuals checked (``certified``, :func:`taskmerge.linalg.certified_top_k`; else LAPACK's)."""
     t, m, n = deltas.shape
-    return linalg.svd(deltas.to(dtype).permute(1, 0, 2).reshape(m, t * n))
+    x = deltas.to(dtype).permute(1, 0, 2).reshape(m, t * n)
+    return linalg.certified_top_k(x, min(m, t * n))[0] if svd == "certified" else linalg.svd(x)
 
 
 def knots_decompose(
@@ -124,6 +128,7 @@ def knots_decompose(
     *,
     svd_tol: float = 1e-5,
     svd_dtype: torch.dtype = torch.float64,
+    svd: linalg.SvdRoute = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared basis ``U`` (O, k) and the per-task blocks ``Σ V_tᵀ`` (T, k, I) of a stack (T, O, I).
 
@@ -141,7 +146,7 @@ def knots_decompose(
         parts = [linalg.LowRank(f.B.to(dev), f.A.to(dev), f.scale) for f in factors]
         dec = linalg.hstack_lowrank_svd(parts, svd_dtype)
     else:
-        dec = _dense_concat_svd(deltas, svd_dtype)
+        dec = _dense_concat_svd(deltas, svd_dtype, svd)
     s = dec.S
     floor = max(m, t * n) * torch.finfo(svd_dtype).eps * float(s.max()) if s.numel() else 0.0
     keep = (s > svd_tol) & (s > floor)
@@ -179,7 +184,8 @@ def knots_merge_blocks(blocks: torch.Tensor, options: KnotsOptions, ctx: LayerCo
 def _decompose(deltas: torch.Tensor, options: KnotsOptions, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     factors = ctx.factors if options.lowrank else None
     logger.debug("knots: %s: SVD of the concatenation from %s", ctx.name, "the LoRA factors" if factors else "dense updates")
-    return knots_decompose(deltas, factors, svd_tol=options.svd_tol, svd_dtype=_DTYPES[options.svd_dtype])
+    return knots_decompose(deltas, factors, svd_tol=options.svd_tol, svd_dtype=_DTYPES[options.svd_dtype],
+                           svd=options.svd)
 
 
 class KnotsGlobalThreshold:

@@ -73,6 +73,7 @@ class TsvOptions(MethodOptions):
         "share of the rank r = min(m, n) divided among the T tasks when k is none (1.0: the paper's r/T each)"))
     lowrank: bool = Field(True, description=(
         "compute the per-task SVDs from the LoRA factors when the inputs are adapters (same result, no m × n SVD)"))
+    svd: linalg.SvdRoute = Field("exact", description=linalg.SVD_ROUTE_DESCRIPTION)
 
 
 def tsv_rank(shape: tuple[int, int], num_tasks: int, k: int | None = None, fraction: float = 1.0) -> int:
@@ -83,7 +84,8 @@ def tsv_rank(shape: tuple[int, int], num_tasks: int, k: int | None = None, fract
     return max(1, min(k, r))
 
 
-def tsv_bases(deltas: torch.Tensor, k: int, factors: Sequence[linalg.LowRank] | None = None) -> linalg.SVD:
+def tsv_bases(deltas: torch.Tensor, k: int, factors: Sequence[linalg.LowRank] | None = None,
+              svd: linalg.SvdRoute = "exact") -> linalg.SVD:
     """The TSV-M factors ``(U⊥, Σ, V⊥ᵀ)`` of a stack of matrices ``deltas`` (T, m, n), ``k`` triplets per task.
 
     ``U⊥`` is (m, K) and ``V⊥ᵀ`` is (K, n), the polar factors of the concatenated per-task singular
@@ -91,7 +93,8 @@ def tsv_bases(deltas: torch.Tensor, k: int, factors: Sequence[linalg.LowRank] | 
     zero triplets, which are dropped (see the module docstring). The merged update is ``(U⊥ * Σ) @ V⊥ᵀ``.
 
     With ``factors`` (one :class:`linalg.LowRank` per task, ``factors[t].dense() == deltas[t]``) the
-    per-task triplets come from the factors and ``deltas`` is only read for its shape, dtype and device.
+    per-task triplets come from the factors and ``deltas`` is only read for its shape, dtype and device;
+    otherwise ``svd`` picks how the dense top-k is computed (:func:`taskmerge.linalg.truncated_svd`).
     """
     if deltas.ndim != 3:
         raise ValueError(f"tsv_bases expects (T, m, n) task updates, got shape {tuple(deltas.shape)}")
@@ -104,7 +107,7 @@ def tsv_bases(deltas: torch.Tensor, k: int, factors: Sequence[linalg.LowRank] | 
         if factors is not None:
             part = factors[i].to(deltas.dtype, deltas.device).svd(k)
         else:
-            part = linalg.truncated_svd(deltas[i], k)
+            part = linalg.truncated_svd(deltas[i], k, svd)
         if part.S.numel() == 0:
             continue
         keep = part.S > eps * part.S[0]  # drop numerically-zero triplets (arbitrary directions)
@@ -144,5 +147,5 @@ def tsv_m(deltas: torch.Tensor, options: TsvOptions, ctx: LayerContext) -> torch
         # several times slower than of its transpose, so the polar factors are taken on the tall side.
         if factors is not None:
             factors = tuple(f.transpose() for f in factors)  # (s B A)ᵀ = s Aᵀ Bᵀ
-        return tsv_bases(deltas.transpose(1, 2), k, factors).reconstruct().T
-    return tsv_bases(deltas, k, factors).reconstruct()
+        return tsv_bases(deltas.transpose(1, 2), k, factors, options.svd).reconstruct().T
+    return tsv_bases(deltas, k, factors, options.svd).reconstruct()
