@@ -121,7 +121,8 @@ def measure(backbone: str = "minilm", tasks: str | None = None, methods: Sequenc
              for n in names]
     encoder = FunctionalEncoder(bb.model, base, mean_pool_features(True), chunk_overhead=chunk_overhead)
     rows = {m: method_seconds(m, base, task_sds, heads, inputs, encoder, steps, warmup) for m in methods}
-    floors = {bs: floor_seconds(encoder, base, inputs, bs, steps, warmup) for bs in sorted({r["batch_size"] for r in rows.values()})}
+    sizes = sorted({r["batch_size"] for r in rows.values()})
+    floors = {bs: floor_seconds(encoder, base, inputs, bs, steps, warmup) for bs in sizes}
     for r in rows.values():
         floor = floors[r["batch_size"]]
         r["floor"] = floor

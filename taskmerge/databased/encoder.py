@@ -195,7 +195,8 @@ class FunctionalEncoder:
         if batches and all(_is_token_batch(b) for b in batches) and len({frozenset(b) for b in batches}) == 1 \
                 and all(_right_padded(b["attention_mask"]) for b in batches):
             return self._token_step(batches, sizes, compact)
-        if batches and all(isinstance(b, torch.Tensor) for b in batches) and len({tuple(b.shape[1:]) for b in batches}) == 1:
+        tensors = bool(batches) and all(isinstance(b, torch.Tensor) for b in batches)
+        if tensors and len({tuple(b.shape[1:]) for b in batches}) == 1:
             return StepBatch([torch.cat(list(batches))], None, sizes)
         return StepBatch(list(batches), None, sizes)
 

@@ -58,7 +58,6 @@ from taskmerge.databased.loop import (
     LoopOptions,
     changed_names,
     count_parameters,
-    head_logits,
     parse_options_as,
     run_loop,
     subset_inputs,

@@ -20,7 +20,7 @@ from taskmerge.databased.adamerging import entropy_loss
 from taskmerge.databased.loop import LinearHead, tail_trend
 from taskmerge.databased.mda_am import etf_targets, mda_am_loss
 from taskmerge.databased.moma import moma_loss
-from taskmerge.rotation import Rotation, exp_rotation
+from taskmerge.rotation import exp_rotation
 
 D = torch.float64
 
