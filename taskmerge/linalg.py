@@ -132,7 +132,8 @@ class TopKInfo(NamedTuple):
     ``route``: ``certified`` (triplets of a fast route, each checked) or ``exact`` (the fall-back);
     ``reason``: ``converged`` (the iteration's) or ``gram`` (k plus the oversampling exceeds half of min(m, n),
     where an iteration would cost as much as a dense decomposition: the float64 Gram eigenpairs, checked), or
-    why the exact route was taken: ``block`` (k = 0), ``zero`` (a zero matrix), ``stalled`` (the residuals'
+    why the exact route was taken: ``block`` (k = 0), ``zero`` (a zero matrix), ``cost`` (fewer than three
+    iterations cost as much as the exact route: small or nearly square-k problems), ``stalled`` (the residuals'
     decay, extrapolated, would not reach the tolerance within the budget), ``budget`` (``max_iter``
     iterations without convergence) or ``gram-residual`` (the Gram triplets failed their check: a kept
     σ_i too small against σ₁ for the squared condition number); ``iterations`` run; ``residual``: the certificate's error measure at the last iteration, the larger of
@@ -194,7 +195,7 @@ def certified_top_k(matrix: torch.Tensor, k: int, *, tol: float = CERTIFIED_TOL,
     block = k + oversample
 
     def exact(reason: str, iterations: int = 0, residual: float = math.nan) -> tuple[SVD, TopKInfo]:
-        if reason not in ("block", "zero"):
+        if reason not in ("block", "zero", "cost"):
             logger.debug("certified top-%d of a %d×%d matrix: %s after %d iteration(s) (residual %.2e σ₁); "
                          "exact route", k, m, n, reason, iterations, residual)
         return truncated_svd(matrix, k), TopKInfo("exact", reason, iterations, residual)
@@ -207,7 +208,9 @@ def certified_top_k(matrix: torch.Tensor, k: int, *, tol: float = CERTIFIED_TOL,
     # ~2mn² + 10n³ for the Gram product and its eigendecomposition (measured: an eigh's flops run ~3-5×
     # slower than a product's), so a fall-back costs at most about twice the exact route.
     affordable = (2 * m * n * n + 10 * n**3) / (4 * m * n * block + 4 * (m + n) * block**2)
-    max_iter = max(1, min(max_iter, int(affordable)))
+    if affordable < 3:  # not even the iterations that the stall test needs: the exact route is cheaper
+        return exact("cost")
+    max_iter = min(max_iter, int(affordable))
     a = matrix.to(torch.float64)
     gen = torch.Generator(device=a.device).manual_seed(seed)
     y = a @ torch.randn(n, block, generator=gen, device=a.device, dtype=a.dtype)
