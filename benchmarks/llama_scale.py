@@ -10,6 +10,11 @@ before the timed runs so that every run starts from the same page cache. For the
 run, the largest relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` over a few tensors is reported
 (DARE is random: not compared).
 
+The ``io_floor`` row times the least any merge of these files does (read every input tensor, write the output
+once, with taskmerge's readers and writer); ``tsv_m_certified`` / ``dc_merge_certified`` are TSV-M and DC-Merge with
+``svd: certified``, and every SVD row's accuracy is checked on three sample matrices against the exact route in
+float64 (column "vs float64").
+
     python benchmarks/llama_scale.py --size small                     # ~100M parameters, for development
     python benchmarks/llama_scale.py --size 1b --root /tmp/llama1b \\
         --mergekit /tmp/mkvenv/bin/mergekit-yaml --json results/llama_scale.json --md results/llama_scale.md
@@ -47,10 +52,18 @@ OURS: dict[str, list[str]] = {
     "ties_global": ["--lambda", "1.0", "-o", "keep=0.2", "-o", "scope=global", "--exclude", "^$"],
     "dare": ["--lambda", "0.3", "-o", "p=0.9", "--exclude", "^$"],
     "tsv_m": [],
+    "tsv_m_certified": ["-o", "svd=certified"],
     "iso_c": [],
     "dc_merge": [],
+    "dc_merge_certified": ["-o", "svd=certified"],
 }
-METHOD_OF = {"ties_global": "ties"}  # a row label that is not a method name
+# a row label that is not a method name
+METHOD_OF = {"ties_global": "ties", "tsv_m_certified": "tsv_m", "dc_merge_certified": "dc_merge"}
+# SVD-based rows whose accuracy is checked on SAMPLE_MATRICES: route of the svd option
+SVD_ROWS = {"tsv_m": "exact", "tsv_m_certified": "certified", "dc_merge": "exact", "dc_merge_certified": "certified"}
+SAMPLE_MATRICES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                   "model.layers.2.mlp.down_proj.weight")
+FLOOR = "io_floor"  # the row of the I/O floor: read every input tensor and write the output once
 MERGEKIT: dict[str, tuple[str, dict, dict]] = {
     "task_arithmetic": ("task_arithmetic", {"weight": 0.3}, {"normalize": False}),
     "ties": ("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True}),
@@ -123,6 +136,51 @@ def run_ours(method: str, base: Path, models: list[Path], out: Path, log: Path, 
     return measure(cmd, log)
 
 
+def io_floor(output: Path, base: Path, models: list[Path]) -> None:
+    """The I/O floor of a merge: read every tensor of the base and of every model with the engine's readers
+    (``pread``, :mod:`taskmerge.io.streaming`), write the base's tensors once as the output with its writer."""
+    from taskmerge.io.readers import open_checkpoint
+    from taskmerge.io.streaming import streaming_source
+    from taskmerge.io.writers import CheckpointWriter
+
+    base_reader = streaming_source(open_checkpoint(base))
+    readers = [streaming_source(open_checkpoint(m, base=base_reader)) for m in models]
+    names = base_reader.keys()
+    with CheckpointWriter(output, overwrite=True, copy_from=base) as writer:
+        writer.plan([(n, *base_reader.meta(n)) for n in names])
+        for name in names:
+            value = base_reader.get(name)
+            for r in readers:
+                r.get(name)
+            writer.add(name, value)
+        writer.commit()
+
+
+def run_floor(base: Path, models: list[Path], out: Path, log: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--floor-run", str(out), str(base), *map(str, models)]
+    return measure(cmd, log)
+
+
+def svd_accuracy(row: str, base: Path, models: list[Path]) -> float:
+    """The largest ``‖x − ref‖ / ‖ref‖`` over :data:`SAMPLE_MATRICES` of an SVD row's merged update (float32, its
+    ``svd`` route) against the exact route in float64 (the per-layer function on the same task updates)."""
+    from taskmerge.io.readers import open_checkpoint
+    from taskmerge.registry import LayerContext, get_method
+
+    spec = get_method(METHOD_OF.get(row, row))
+    base_reader = open_checkpoint(base)
+    readers = [open_checkpoint(m, base=base_reader) for m in models]
+    worst = 0.0
+    for name in SAMPLE_MATRICES:
+        theta0 = base_reader.get(name).double()
+        deltas = torch.stack([r.get(name).double() - theta0 for r in readers])
+        ctx = LayerContext(name)
+        got = spec.fn(deltas.float(), spec.parse({"svd": SVD_ROWS[row]}), ctx).double()
+        ref = spec.fn(deltas, spec.parse({"svd": "exact"}), ctx)
+        worst = max(worst, float((got - ref).norm() / ref.norm()))
+    return worst
+
+
 def run_mergekit(exe: str, method: str, base: Path, models: list[Path], out: Path, log: Path) -> dict:
     merge_method, params, global_params = MERGEKIT[method]
     config = {"merge_method": merge_method, "base_model": str(base), "dtype": "bfloat16",
@@ -163,7 +221,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--root", type=Path, default=Path("/tmp/taskmerge-llama-scale"),
                         help="where the checkpoints are generated (needs (T + 3) × model size of free disk)")
-    parser.add_argument("--methods", nargs="+", default=list(OURS))
+    parser.add_argument("--methods", nargs="+", default=list(OURS), help=f"rows: {', '.join(OURS)}, {FLOOR}")
     parser.add_argument("--mergekit", help="path of mergekit-yaml (its own venv); omitted: MergeKit is not run")
     parser.add_argument("--workers", type=int, help="taskmerge --workers (default: taskmerge's own default)")
     parser.add_argument("--json", type=Path)
@@ -173,7 +231,12 @@ def main() -> None:
                         help="a previous report (JSON) of the same size whose MergeKit runs are taken instead of rerun")
     parser.add_argument("--combine", type=Path, nargs="+", help="only combine these reports into --json / --md")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds before a run is killed")
+    parser.add_argument("--floor-run", nargs="+", type=Path, metavar="PATH",
+                        help="internal: OUTPUT BASE MODEL...: the I/O floor's process (row io_floor)")
     args = parser.parse_args()
+    if args.floor_run:
+        io_floor(args.floor_run[0], args.floor_run[1], args.floor_run[2:])
+        return
     globals()["TIMEOUT_S"] = args.timeout
     if args.combine:
         combine(args.combine, args.json, args.md)
@@ -205,7 +268,10 @@ def main() -> None:
         order = ["mergekit", "taskmerge"] if len(runs) % 2 else ["taskmerge", "mergekit"]
         for impl in order:
             out = outdir / f"{impl}-{method}"
-            if impl == "taskmerge":
+            if impl == "taskmerge" and method == FLOOR:
+                print("  I/O floor ...", file=sys.stderr)
+                row["taskmerge"] = run_floor(base, models, out, outdir / f"{impl}-{method}.log")
+            elif impl == "taskmerge":
                 print(f"  taskmerge {method} ...", file=sys.stderr)
                 row["taskmerge"] = run_ours(method, base, models, out, outdir / f"{impl}-{method}.log", args.workers)
             elif args.mergekit and method in previous:  # MergeKit's run and the output comparison, taken over
@@ -222,6 +288,8 @@ def main() -> None:
                                                     base_tensors)
         for impl in ("taskmerge", "mergekit"):
             shutil.rmtree(outdir / f"{impl}-{method}", ignore_errors=True)
+        if method in SVD_ROWS and row["taskmerge"]["exit"] == 0:
+            row["vs_float64"] = svd_accuracy(method, base, models)
         runs.append(row)
         print(f"    {json.dumps(row)}", file=sys.stderr)
         _write(args, _report(args, shape, size_gb, gen_s, runs))  # after every method: a partial report survives
@@ -279,10 +347,11 @@ def markdown(report: dict) -> str:
         "(1 min) before the run in brackets; * = MergeKit run taken over from an earlier invocation on the same "
         "files (same machine).",
         "",
-        "| method | taskmerge s | taskmerge peak RSS GB | MergeKit s | MergeKit peak RSS GB | speed-up | RSS < 4 GB | max rel diff |"
-        + (" run |" if report.get("combined_from") else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if report.get("combined_from") else ""),
+        "| method | taskmerge s | taskmerge peak RSS GB | MergeKit s | MergeKit peak RSS GB | speed-up | RSS < 4 GB | max rel diff "
+        "| vs float64 | vs I/O floor |" + (" run |" if report.get("combined_from") else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if report.get("combined_from") else ""),
     ]
+    floors = [r["taskmerge"]["seconds"] for r in report["runs"] if r["method"] == FLOOR and r["taskmerge"]["exit"] == 0]
     for r in report["runs"]:
         ours = r["taskmerge"]
         mk = r.get("mergekit")
@@ -294,9 +363,16 @@ def markdown(report: dict) -> str:
             + (f"{cell(mk)} | {mk['peak_rss_mb'] / 1024:.2f} | " if mk else "– | – | ")
             + (f"{r['speedup']:.2f}× | " if "speedup" in r else "– | ")
             + f"{ok} | " + (f"{r['max_rel_diff']:.1e} |" if "max_rel_diff" in r else "– |")
+            + (f" {r['vs_float64']:.1e} |" if "vs_float64" in r else " – |")
+            + (f" {ours['seconds'] / floors[-1]:.2f}× |" if floors and ours["exit"] == 0 and r["method"] != FLOOR
+               else " – |")
             + (f" {r.get('report', '')} |" if report.get("combined_from") else "")
         )
     lines.append("")
+    lines.append(f"`{FLOOR}`: read every tensor of the base and the fine-tunes and write the base once, with taskmerge's "
+                 "own readers and writer (the least any merge of these files does); \"vs I/O floor\" divides by it. "
+                 f"\"vs float64\": SVD rows, the per-layer function's merged update in float32 on {', '.join(SAMPLE_MATRICES)} "
+                 "against the exact route in float64 (largest ‖x − ref‖ / ‖ref‖).")
     for part in report.get("combined_from", []):
         lines.append(f"Run `{Path(part['file']).stem}`: taskmerge with {part['taskmerge_workers']} worker(s), load average "
                      f"at its end {part['load_average_at_end']}.")

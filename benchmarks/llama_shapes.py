@@ -46,6 +46,7 @@ class LlamaShape:
 
 PRESETS = {
     # ~100M parameters: for developing on a busy 2-core machine
+    "tiny": LlamaShape(hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2, vocab=1000),  # smoke tests
     "small": LlamaShape(hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4),
     # TinyLlama-1.1B's shapes: 1.10B parameters, 2.2 GB in bfloat16
     "1b": LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
