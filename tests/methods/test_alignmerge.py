@@ -570,7 +570,7 @@ def _flip_pairs(monkeypatch):
         return linalg.SVD(dec.U * sign, dec.S, dec.Vh * sign[:, None])
 
     monkeypatch.setattr(linalg, "svd", lambda matrix: flip(svd(matrix)))
-    monkeypatch.setattr(linalg, "truncated_svd", lambda matrix, k: flip(truncated(matrix, k)))
+    monkeypatch.setattr(linalg, "truncated_svd", lambda matrix, k, *args, **kw: flip(truncated(matrix, k, *args, **kw)))
 
 
 def test_sign_flips_of_singular_pairs_do_not_change_either_method(monkeypatch):

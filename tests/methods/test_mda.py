@@ -368,8 +368,8 @@ def test_sign_flips_of_singular_pairs_do_not_change_the_merge(monkeypatch):
     original = linalg.truncated_svd
     gen = torch.Generator().manual_seed(0)
 
-    def flipped(matrix, k):
-        dec = original(matrix, k)
+    def flipped(matrix, k, *args, **kwargs):
+        dec = original(matrix, k, *args, **kwargs)
         sign = torch.where(torch.rand(dec.S.shape, generator=gen) < 0.5, -1.0, 1.0).to(dec.S.dtype)
         return linalg.SVD(dec.U * sign, dec.S, dec.Vh * sign[:, None])
 

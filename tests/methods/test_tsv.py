@@ -106,8 +106,8 @@ def test_sign_flips_of_singular_pairs_leave_the_merge_unchanged(flips: list[bool
     original = linalg.truncated_svd
     sign = torch.tensor([-1.0 if f else 1.0 for f in flips], dtype=torch.float64)
 
-    def flipped(matrix: torch.Tensor, k: int) -> linalg.SVD:
-        u, s, vh = original(matrix, k)
+    def flipped(matrix: torch.Tensor, k: int, *args, **kwargs) -> linalg.SVD:
+        u, s, vh = original(matrix, k, *args, **kwargs)
         f = sign[: s.shape[0]]
         return linalg.SVD(u * f, s, f[:, None] * vh)
 
