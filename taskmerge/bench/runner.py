@@ -46,6 +46,7 @@ from taskmerge.bench.backbone import Backbone, load_backbone
 from taskmerge.bench.datasets import PROTOCOLS, SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
 from taskmerge.bench.finetune import HEADS, Recipe, configure_threads, finetune, get_recipe, task_head
+from taskmerge.bench.report import mean, pct
 from taskmerge.bench.stats import bootstrap_average_ci, paired_bootstrap_diff_ci
 from taskmerge.errors import OptionError
 
@@ -107,10 +108,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best / 1e9
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 def pack_correct(correct: np.ndarray) -> str:
@@ -176,8 +173,8 @@ def _ci_summary(
     norm = {n: normalized_accuracy(test[n], float(ft_correct[n].mean())) for n in correct}
     _, lo, hi = bootstrap_average_ci(correct, None, n_boot)
     _, nlo, nhi = bootstrap_average_ci(correct, ft_correct, n_boot)
-    return {"test": test, "normalized_test": norm, "avg_test": _mean(list(test.values())),
-            "avg_normalized_test": _mean(list(norm.values())),
+    return {"test": test, "normalized_test": norm, "avg_test": mean(list(test.values())),
+            "avg_normalized_test": mean(list(norm.values())),
             "ci95": {"avg_test": [lo, hi], "avg_normalized_test": [nlo, nhi]},
             "correct_test": {n: pack_correct(c) for n, c in correct.items()}}
 
@@ -401,8 +398,8 @@ def _run_seed(
     _, ft_lo, ft_hi = bootstrap_average_ci(ft_correct, None, n_boot)
     results: dict[str, Any] = {
         "pretrained": {**_ci_summary(pre_correct, ft_correct, n_boot), "val": pre_val, "unseen_test": pre_unseen},
-        "finetuned": {"test": ft_test, "val": ft_val, "avg_test": _mean(list(ft_test.values())),
-                      "avg_val": _mean(list(ft_val.values())), "ci95": {"avg_test": [ft_lo, ft_hi]},
+        "finetuned": {"test": ft_test, "val": ft_val, "avg_test": mean(list(ft_test.values())),
+                      "avg_val": mean(list(ft_val.values())), "ci95": {"avg_test": [ft_lo, ft_hi]},
                       "correct_test": {n: pack_correct(c) for n, c in ft_correct.items()}},
         "methods": {},
     }
@@ -420,7 +417,7 @@ def _run_seed(
 
         def score_at(tau_: Mapping[str, torch.Tensor], lam: float) -> tuple[float, dict[str, float]]:
             val = _evaluate_all(ev, apply_task_vector(base_sd, tau_, lam), heads, data, "val")
-            return _mean([normalized_accuracy(val[n], ft_val[n]) for n in task_names]), val
+            return mean([normalized_accuracy(val[n], ft_val[n]) for n in task_names]), val
 
         from taskmerge.bench.option_sweep import sweep_option, swept_option
 
@@ -476,14 +473,10 @@ def _run_seed(
     return results
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None or x != x else f"{100 * x:.1f}"
-
-
 def _avg_cell(row: Mapping[str, Any], key: str) -> str:
     """``87.5 [86.9, 88.1]``: the average and, when the row has it, its 95 % interval."""
     ci = (row.get("ci95") or {}).get(key)
-    return _pct(row.get(key)) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+    return pct(row.get(key)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
 
 
 def _diff_cell(d: Sequence[float] | None) -> str:
@@ -539,19 +532,19 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     if all(counts.values()):
         lines.append("| *test examples* | " + " | ".join(str(counts[t]) for t in tasks)
                      + f" | {sum(counts.values())} | – |")
-    lines.append(f"| Pretrained ({heads}) | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
+    lines.append(f"| Pretrained ({heads}) | " + " | ".join(pct(pre["test"][t]) for t in tasks)
                  + f" | {_avg_cell(pre, 'avg_test')} | – |")
-    lines.append("| Fine-tuned (individual) | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
+    lines.append("| Fine-tuned (individual) | " + " | ".join(pct(ft["test"][t]) for t in tasks)
                  + f" | {_avg_cell(ft, 'avg_test')} | – |")
     for name, res in results["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_pct(res["test"][t]) for t in tasks)
+        lines.append(f"| {name} | " + " | ".join(pct(res["test"][t]) for t in tasks)
                      + f" | {_avg_cell(res, 'avg_test')} | {res['lambda']:g} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | " + " | ".join(cols) + " | Avg [95 % CI] |", "|---|" + "---|" * (len(cols) + 1)]
-    lines.append(f"| Pretrained ({heads}) | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
+    lines.append(f"| Pretrained ({heads}) | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)
                  + f" | {_avg_cell(pre, 'avg_normalized_test')} |")
     for name, res in results["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_pct(res["normalized_test"][t]) for t in tasks)
+        lines.append(f"| {name} | " + " | ".join(pct(res["normalized_test"][t]) for t in tasks)
                      + f" | {_avg_cell(res, 'avg_normalized_test')} |")
     refs = [x for x in meta.get("references", []) if x in results["methods"]]
     if refs:
@@ -575,7 +568,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                 v = row.get(k)
                 return f"{100 * v['mean']:.1f} ± {100 * v['sd']:.1f}" if v else "–"
 
-            per_seed = " / ".join(_pct(x) for x in row.get("avg_normalized_test", {}).get("values", [])) or "–"
+            per_seed = " / ".join(pct(x) for x in row.get("avg_normalized_test", {}).get("values", [])) or "–"
             lines.append(f"| {labels.get(key, key)} | {ms('avg_test')} | {ms('avg_normalized_test')} | {per_seed} |")
     if unseen:
         ucols = [SHORT_NAMES.get(t, t) for t in unseen]
@@ -584,8 +577,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         rows = [(f"Pretrained ({heads})", pre["unseen_test"])]
         rows += [(name, res["unseen_test"]) for name, res in results["methods"].items()]
         for name, accs in rows:
-            lines.append(f"| {name} | " + " | ".join(_pct(accs[t]) for t in unseen)
-                         + f" | {_pct(_mean([accs[t] for t in unseen]))} |")
+            lines.append(f"| {name} | " + " | ".join(pct(accs[t]) for t in unseen)
+                         + f" | {pct(mean([accs[t] for t in unseen]))} |")
     lines += ["", "Task columns: " + "; ".join(f"{SHORT_NAMES.get(t, t)} = `{t}`" for t in tasks + unseen) + "."]
     manifests = meta.get("manifests", {})
     small = [f"{SHORT_NAMES.get(t, t)} ({manifests[t]['counts']['test']} of {manifests[t]['test_target']})"

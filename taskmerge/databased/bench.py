@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskmerge.bench.runner import _mean, pack_correct, unpack_correct
+from taskmerge.bench.report import fmt, mean, pct
+from taskmerge.bench.runner import pack_correct, unpack_correct
 from taskmerge.bench.stats import paired_bootstrap_diff_ci
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
 from taskmerge.databased.curves import write_curve
@@ -56,8 +57,8 @@ def protocol_of(adapt_split: str) -> str:
 
 def _summary(acc: Mapping[str, float], ft: Mapping[str, float]) -> dict[str, Any]:
     norm = {n: acc[n] / ft[n] for n in acc}
-    return {"test": dict(acc), "normalized_test": norm, "avg_test": _mean(list(acc.values())),
-            "avg_normalized_test": _mean(list(norm.values()))}
+    return {"test": dict(acc), "normalized_test": norm, "avg_test": mean(list(acc.values())),
+            "avg_normalized_test": mean(list(norm.values()))}
 
 
 def _accuracies(evaluator: Any, state: Mapping[str, torch.Tensor], heads: Mapping[str, Any],
@@ -173,9 +174,9 @@ def evaluate_databased(
     lam_table = result.info.get("lambdas")
     if lam_table:
         flat = [x for r in lam_table.values() for x in r]
-        row["lambda_stats"] = {"min": min(flat), "max": max(flat), "mean": _mean(flat)}
+        row["lambda_stats"] = {"min": min(flat), "max": max(flat), "mean": mean(flat)}
         rows = list(lam_table.values())
-        info["lambda_mean_per_vector"] = [_mean([r[i] for r in rows]) for i in range(len(rows[0]))]
+        info["lambda_mean_per_vector"] = [mean([r[i] for r in rows]) for i in range(len(rows[0]))]
     if "masking_rate" in result.info:
         row["masking_rate"] = float(result.info["masking_rate"])
     if method == "mda_am" and parsed.rotation:
@@ -183,7 +184,7 @@ def evaluate_databased(
         diag = rotation_diagnostics(encoder, result.state_dict, result.info["classifier_heads"],
                                     result.info["rotations"], result.info["procrustes_rotations"],
                                     _labeled(tok, data, held_out, max_length), parsed.feature_batch_size)
-        row["diagnostics"] = {k: _mean(v) for k, v in diag.items()}
+        row["diagnostics"] = {k: mean(v) for k, v in diag.items()}
         row["diagnostics_per_task"] = diag
         row["diagnostics_split"] = held_out
     timed = hist.step_seconds[1:] or hist.step_seconds
@@ -294,7 +295,7 @@ def run_databased(
         pre_test = _accuracies(ev, base_sd, heads, data, "test")
     results: dict[str, Any] = {
         "pretrained": _summary(pre_test, ft_test),
-        "finetuned": {"test": ft_test, "val": ft_val, "avg_test": _mean(list(ft_test.values()))},
+        "finetuned": {"test": ft_test, "val": ft_val, "avg_test": mean(list(ft_test.values()))},
         "starts": {},
         "methods": {},
     }
@@ -331,7 +332,7 @@ def run_databased(
 
             def score(lam: float) -> tuple[float, dict[str, float]]:
                 val = _accuracies(ev, apply_task_vector(base_sd, tau, lam), heads, data, "val")
-                return _mean([val[n] / ft_val[n] for n in names]), val
+                return mean([val[n] / ft_val[n] for n in names]), val
 
             lam, _, curve = sweep_lambda(list(tqdm(grid, desc=f"λ sweep {method}", disable=not progress, leave=False)),
                                          score, patience)
@@ -469,14 +470,10 @@ def _delta(r: Mapping[str, Any], key: str) -> str:
     return f"{d:+.1f}" if not ci else f"{d:+.1f} [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "–" if x is None or x != x else format(x, spec)
-
-
 def markdown_table(results: Mapping[str, Any]) -> str:
     """Absolute and normalised test accuracy per task (pretrained, fine-tuned, data-free starts, data-based
     rows with their protocol), then every run's training record (schedule, seconds per step, convergence)."""
-    from taskmerge.bench.runner import SHORT_NAMES, _pct
+    from taskmerge.bench.runner import SHORT_NAMES
 
     meta = results["meta"]
     tasks = meta["tasks"]
@@ -501,30 +498,30 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|" + "---|" * (len(cols) + 2),
     ]
     pre, ft = results["pretrained"], results["finetuned"]
-    lines.append("| Pretrained (task heads) | – | – | – | – | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
-                 + f" | {_pct(pre['avg_test'])} | |")
-    lines.append("| Fine-tuned (individual) | – | – | – | – | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
-                 + f" | {_pct(ft['avg_test'])} | |")
+    lines.append("| Pretrained (task heads) | – | – | – | – | " + " | ".join(pct(pre["test"][t]) for t in tasks)
+                 + f" | {pct(pre['avg_test'])} | |")
+    lines.append("| Fine-tuned (individual) | – | – | – | – | " + " | ".join(pct(ft["test"][t]) for t in tasks)
+                 + f" | {pct(ft['avg_test'])} | |")
     for name, r in results["starts"].items():
         lines.append(f"| {name} (data-free) | λ={r['lambda']:g} | – | – | – | "
-                     + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | |")
+                     + " | ".join(pct(r["test"][t]) for t in tasks) + f" | {pct(r['avg_test'])} | |")
     for name, r in results["methods"].items():
         o = r["options"]
         lines.append(f"| {name} | {r['start_method']} ({r['start_lambda']:g}) | {_adapt_cell(r)} | "
                      f"{r.get('label_source') or 'none'} | {o['steps']} × {o['batch_size']} | "
-                     + " | ".join(_pct(r["test"][t]) for t in tasks) + f" | {_pct(r['avg_test'])} | {_delta(r, 'avg_test')} |")
+                     + " | ".join(pct(r["test"][t]) for t in tasks) + f" | {pct(r['avg_test'])} | {_delta(r, 'avg_test')} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | adapt on | labels | " + " | ".join(cols) + " | Avg | Δ vs start |",
               "|---|---|---|" + "---|" * (len(cols) + 2)]
-    lines.append("| Pretrained (task heads) | – | – | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
-                 + f" | {_pct(pre['avg_normalized_test'])} | |")
+    lines.append("| Pretrained (task heads) | – | – | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)
+                 + f" | {pct(pre['avg_normalized_test'])} | |")
     for name, r in results["starts"].items():
-        lines.append(f"| {name} (data-free) | – | – | " + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
-                     + f" | {_pct(r['avg_normalized_test'])} | |")
+        lines.append(f"| {name} (data-free) | – | – | " + " | ".join(pct(r["normalized_test"][t]) for t in tasks)
+                     + f" | {pct(r['avg_normalized_test'])} | |")
     for name, r in results["methods"].items():
         lines.append(f"| {name} | {_adapt_cell(r)} | {r.get('label_source') or 'none'} | "
-                     + " | ".join(_pct(r["normalized_test"][t]) for t in tasks)
-                     + f" | {_pct(r['avg_normalized_test'])} | {_delta(r, 'avg_normalized_test')} |")
+                     + " | ".join(pct(r["normalized_test"][t]) for t in tasks)
+                     + f" | {pct(r['avg_normalized_test'])} | {_delta(r, 'avg_normalized_test')} |")
     lines += ["", "## Training and convergence", "",
               "*still falling*: the least-squares slope of the per-step loss over the last 10 % of steps is below "
               "−2 standard errors (`taskmerge.databased.loop.tail_trend`); *tail Δ*: the fitted change of the loss "
@@ -535,7 +532,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         loss = r["loss"]
-        last = _mean(loss[-10:]) if loss else float("nan")
+        last = mean(loss[-10:]) if loss else float("nan")
         conv = r.get("convergence") or {}
         falling = {True: "**yes**", False: "no", None: "–"}[conv.get("still_falling")]
         lam = r.get("lambda_stats")
@@ -548,8 +545,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
                          + "/".join(f"{100 * dg[k]:.1f}" for k in ("acc_identity", "acc_procrustes", "acc_learned")))
         o = r["options"]
         lines.append(f"| {name} | {_adapt_cell(r)} | {o['steps']} × {o['batch_size']} | {r['seconds_per_step']:.2f} | "
-                     f"{_fmt(loss[0] if loss else None, '.4f')} | {_fmt(last, '.4f')} | "
-                     f"{_fmt(conv.get('tail_change'), '+.4f')} | {_fmt(conv.get('total_change'), '+.4f')} | {falling} | "
+                     f"{fmt(loss[0] if loss else None, '.4f')} | {fmt(last, '.4f')} | "
+                     f"{fmt(conv.get('tail_change'), '+.4f')} | {fmt(conv.get('total_change'), '+.4f')} | {falling} | "
                      f"{'–' if mask is None else f'{100 * mask:.1f} %'} | {lam_cell} | {'; '.join(notes)} |")
     lines += ["", "Task columns: " + "; ".join(f"{SHORT_NAMES.get(t, t)} = `{t}`" for t in tasks) + "."]
     return "\n".join(lines) + "\n"

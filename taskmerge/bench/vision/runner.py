@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from taskmerge.bench.report import mean, pct
 from taskmerge.bench.vision.suite import Suite
 from taskmerge.errors import CheckpointError, OptionError
 
@@ -84,10 +85,6 @@ class _Scorer:
         return list(paired_bootstrap_diff_ci(_arrays(a), _arrays(b), self.ft, self.n_boot, self.seed))
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _data_free_row(suite: Suite, label: str, method: str, options: dict[str, Any], lam_grid: Sequence[float] | None,
                    ft_val: Mapping[str, float], *, patience: int | None, merge_device: str,
                    progress: bool) -> tuple[dict[str, Any], Correct, dict[str, torch.Tensor]]:
@@ -109,7 +106,7 @@ def _data_free_row(suite: Suite, label: str, method: str, options: dict[str, Any
 
     def score(tau: Mapping[str, torch.Tensor], lam: float) -> tuple[float, dict[str, float]]:
         val = _accuracies(suite.correct(apply_task_vector(suite.base_sd, tau, lam), "val"))
-        return _mean([val[n] / ft_val[n] for n in suite.names]), val
+        return mean([val[n] / ft_val[n] for n in suite.names]), val
 
     record: dict[str, Any] = {}
     swept = swept_option(spec, grid, options)
@@ -304,10 +301,8 @@ def _meta(suite: Suite, rows: list[str], lam_grid: Sequence[float] | None, patie
 
 
 def _ci(row: Mapping[str, Any], key: str) -> str:
-    from taskmerge.bench.runner import _pct
-
     lo, hi = row[f"{key}_ci"]
-    return f"{_pct(row[key])} [{_pct(lo)}, {_pct(hi)}]"
+    return f"{pct(row[key])} [{pct(lo)}, {pct(hi)}]"
 
 
 def _label(name: str, row: Mapping[str, Any]) -> str:
@@ -320,8 +315,6 @@ def _label(name: str, row: Mapping[str, Any]) -> str:
 def markdown_report(results: Mapping[str, Any]) -> str:
     """Absolute and normalised test accuracy per task with averages and their 95 % intervals, paired
     differences to the reference rows, and how the run was set up, as Markdown."""
-    from taskmerge.bench.runner import _pct
-
     meta = results["meta"]
     tasks: list[str] = meta["tasks"]
     cols = [meta["titles"][t] for t in tasks]
@@ -346,22 +339,22 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "|---|" + "---|" * (len(cols) + 2),
     ]
     pre, ft = results["pretrained"], results["finetuned"]
-    lines.append("| Pretrained (zero-shot) | " + " | ".join(_pct(pre["test"][t]) for t in tasks)
+    lines.append("| Pretrained (zero-shot) | " + " | ".join(pct(pre["test"][t]) for t in tasks)
                  + f" | {_ci(pre, 'avg_test')} | – |")
-    lines.append("| Fine-tuned (individual) | " + " | ".join(_pct(ft["test"][t]) for t in tasks)
+    lines.append("| Fine-tuned (individual) | " + " | ".join(pct(ft["test"][t]) for t in tasks)
                  + f" | {_ci(ft, 'avg_test')} | – |")
     rows = results["methods"]
     for name, row in rows.items():
         option = "".join(f", {k}={v:g}" for k, v in row.get("chosen_option", {}).items())
-        lines.append(f"| {_label(name, row)} | " + " | ".join(_pct(row["test"][t]) for t in tasks)
+        lines.append(f"| {_label(name, row)} | " + " | ".join(pct(row["test"][t]) for t in tasks)
                      + f" | {_ci(row, 'avg_test')} | {row['lambda']:g}{option} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | " + " | ".join(cols) + " | Avg [95% CI] |", "|---|" + "---|" * (len(cols) + 1)]
-    lines.append("| Pretrained (zero-shot) | " + " | ".join(_pct(pre["normalized_test"][t]) for t in tasks)
+    lines.append("| Pretrained (zero-shot) | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)
                  + f" | {_ci(pre, 'avg_normalized_test')} |")
     for name, row in rows.items():
         lines.append(f"| {_label(name, row)} | "
-                     + " | ".join(_pct(row["normalized_test"][t]) for t in tasks)
+                     + " | ".join(pct(row["normalized_test"][t]) for t in tasks)
                      + f" | {_ci(row, 'avg_normalized_test')} |")
     refs = [r for r in REFERENCE_METHODS if r in rows]
     if refs:

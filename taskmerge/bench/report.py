@@ -1,0 +1,23 @@
+"""Small helpers shared by the benchmarks' result rows and Markdown reports (text, vision and data-based
+suites): the mean of a list of scores and the table cells of a fraction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["mean", "pct", "fmt"]
+
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean of ``values``; NaN for an empty sequence."""
+    return sum(values) / len(values) if values else float("nan")
+
+
+def fmt(x: float | None, spec: str) -> str:
+    """``format(x, spec)``, or ``–`` for a missing value (``None`` or NaN)."""
+    return "–" if x is None or x != x else format(x, spec)
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal (``0.8754`` → ``87.5``), or ``–`` for a missing value."""
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
