@@ -95,7 +95,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from taskmerge.errors import OptionError
-from taskmerge.linalg import SVD, SVD_ROUTE_DESCRIPTION, LowRank, SvdRoute, polar, svd, truncated_svd
+from taskmerge.linalg import SVD, SVD_ROUTE_DESCRIPTION, LowRank, SvdRoute, polar, truncated_svd
 from taskmerge.methods.ties import ties_merge
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
