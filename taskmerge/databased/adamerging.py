@@ -52,27 +52,23 @@ logger = logging.getLogger(__name__)
 
 
 class AdaMergingOptions(LoopOptions):
-    """Options of :func:`adamerging` (plus the shared :class:`~taskmerge.databased.loop.LoopOptions`).
+    """Options of :func:`adamerging` (module docstring), plus the shared
+    :class:`~taskmerge.databased.loop.LoopOptions`."""
 
-    Attributes:
-        granularity: ``"layer"`` (one λ per task and parameter tensor; default) or ``"task"`` (one per task).
-        init_lambda: initial value of every coefficient (Task Arithmetic's λ).
-        lr: Adam learning rate of the coefficients.
-        clamp: bounds the coefficients are clamped to after each step (``None``: unconstrained).
-        preprocess: ``"none"`` (AdaMerging) or ``"ties"`` (AdaMerging++).
-        ties_keep: fraction of entries kept per task by the TIES trim (AdaMerging++).
-        entropy_scaling: ``"none"`` (the paper's entropy of each head's logits) or ``"head_norm"`` (each task's
-            logits rescaled to a common overall scale first, see
-            :func:`~taskmerge.databased.loop.entropy_scales`; predictions unchanged) [our option].
-    """
-
-    granularity: Literal["layer", "task"] = "layer"
-    init_lambda: float = 0.3
-    lr: float = Field(1e-3, gt=0)
-    clamp: tuple[float, float] | None = (0.0, 1.0)
-    preprocess: Literal["none", "ties"] = "none"
-    ties_keep: float = Field(0.2, gt=0.0, le=1.0)
-    entropy_scaling: Literal["none", "head_norm"] = "none"
+    granularity: Literal["layer", "task"] = Field("layer", description=(
+        "layer: one λ per task and parameter tensor (layer-wise AdaMerging); task: one λ per task (task-wise)"))
+    init_lambda: float = Field(0.3, description=(
+        "initial value of every coefficient: Task Arithmetic's λ (the paper's prior 0.3)"))
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the coefficients")
+    clamp: tuple[float, float] | None = Field((0.0, 1.0), description=(
+        "(low, high) bounds the coefficients are clamped to after every step; none: unconstrained"))
+    preprocess: Literal["none", "ties"] = Field("none", description=(
+        "none: the task vectors as they are (AdaMerging); ties: TIES-trimmed and sign-elected first (AdaMerging++)"))
+    ties_keep: float = Field(0.2, gt=0.0, le=1.0, description=(
+        "fraction of each task's entries the TIES trim keeps (preprocess=ties)"))
+    entropy_scaling: Literal["none", "head_norm"] = Field("none", description=(
+        "none: the entropy of each head's logits (the paper); head_norm: each task's logits rescaled to a common "
+        "scale first, predictions unchanged (our option; see loop.entropy_scales)"))
 
 
 class CoefficientMerge(nn.Module):

@@ -71,23 +71,19 @@ class LoopOptions(MethodOptions):
     """Options shared by every data-based method (each method's options class extends this one).
 
     The defaults are AdaMerging's schedule (Yang et al. 2024, §5: 500 iterations, batch 16 per task), which
-    MDA-AM follows (MDA §5.1, App. G.1); MOMA overrides them (1000 steps, batch 24 for text).
-
-    Attributes:
-        steps: optimisation steps; each step sees one mini-batch of every task.
-        batch_size: unlabeled inputs per task per step.
-        seed: seeds torch and the mini-batch samplers (a run is reproducible given the seed).
-        data_fraction: fraction of each task's unlabeled inputs used (a seeded random subset; MOMA Table 5).
-        progress: show a tqdm bar with the running loss.
-        feature_batch_size: batch size of the no-grad passes (teacher features, class means, pseudo-labels).
+    MDA-AM follows (MDA §5.1, App. G.1); MOMA overrides them (1000 steps, batch 24 for text). Each field's
+    ``description`` is what ``taskmerge methods NAME`` prints.
     """
 
-    steps: int = Field(500, ge=0)
-    batch_size: int = Field(16, ge=1)
-    seed: int = 0
-    data_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    progress: bool = True
-    feature_batch_size: int = Field(64, ge=1)
+    steps: int = Field(500, ge=0, description="optimisation steps; each step sees one mini-batch of every task "
+                       "(AdaMerging §5: 500)")
+    batch_size: int = Field(16, ge=1, description="unlabeled inputs per task per step (AdaMerging §5: 16)")
+    seed: int = Field(0, description="seeds torch and the mini-batch samplers (a run is reproducible given the seed)")
+    data_fraction: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "fraction of each task's unlabeled inputs used: a seeded random subset (MOMA Table 5: 0.1 / 0.5 / 1)"))
+    progress: bool = Field(True, description="show a tqdm bar with the running loss")
+    feature_batch_size: int = Field(64, ge=1, description=(
+        "batch size of the no-grad passes (teacher features, class means, pseudo-labels)"))
 
 
 def parse_options_as(cls: type[LoopOptions], options: Any, method: str) -> Any:

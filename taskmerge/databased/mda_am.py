@@ -122,24 +122,37 @@ class MDAAMOptions(LoopOptions):
     beta: float = Field(0.2, ge=0, description="weight of L_rotation (Eq. 6)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of λ")
     rotation_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the rotation parameters")
-    granularity: Literal["layer", "task_layer"] = "layer"
-    init_lambda: float | Literal["1/T"] = 1.0
-    lambda_min: float | None = 0.0
-    lambda_max: float | None = None
+    granularity: Literal["layer", "task_layer"] = Field("layer", description=(
+        "layer: one λ per parameter tensor on the merged τ_etf (Eq. 4); task_layer: one λ per task and tensor on "
+        "per-task ETF-aligned blocks summing to τ_etf (second spec §4.1)"))
+    init_lambda: float | Literal["1/T"] = Field(1.0, description=(
+        "initial λ: MDA-TA's λ (1.0: the start is the MDA-TA model), or 1/T (Alg. 2's literal λ₀)"))
+    lambda_min: float | None = Field(0.0, description="λ is clamped to at least this after every step (none: no bound)")
+    lambda_max: float | None = Field(None, description="λ is clamped to at most this after every step (none: no bound)")
     rotation: bool = Field(True, description="learn R_t (False: the 'w/o rotation' ablation)")
     parameter_alignment: bool = Field(True, description="start from τ_etf (False: plain TA vectors, ablation)")
-    parametrization: Literal["exp", "cayley"] = "cayley"
-    etf_targets: Literal["global_anchored", "task_nearest", "global_random"] = "global_anchored"
-    etf_seed: int = 0
-    pseudo_labels: Literal["merged", "expert"] = "merged"
+    parametrization: Literal["exp", "cayley"] = Field("cayley", description=(
+        "map of K_t = A_t − A_tᵀ onto SO(d): cayley = (I − K_t)⁻¹(I + K_t) (≈ 10x cheaper backward), exp = exp(K_t)"))
+    etf_targets: Literal["global_anchored", "task_nearest", "global_random"] = Field("global_anchored", description=(
+        "global_anchored: one simplex ETF of Σ C_t vertices rotated onto the heads' class prototypes; task_nearest: "
+        "per task the simplex ETF closest to its centred head prototypes; global_random: the unanchored frame"))
+    etf_seed: int = Field(0, description="seed of the random simplex ETF frame")
+    pseudo_labels: Literal["merged", "expert"] = Field("merged", description=(
+        "class of an unlabeled input in L_align: the current merged model's prediction, or the fine-tuned model's"))
     class_means: Literal["pseudo", "labels"] = Field(
         "pseudo", description="R_proc's class means: pseudo-labels of the unlabeled inputs, or labelled inputs (variant)")
     classifier: Literal["head", "etf"] = Field("head", description="the frozen task head, or the task's ETF targets (App. G.1)")
     etf_scale: float | None = Field(None, gt=0, description="logit scale of the ETF classifier (default: the head's mean row norm)")
-    procrustes_means: Literal["batches", "full"] = "batches"
-    procrustes_every: int = Field(25, ge=1)
-    procrustes_completion: Literal["identity", "svd"] = "identity"
-    routing: Literal["split", "joint"] = "split"
+    procrustes_means: Literal["batches", "full"] = Field("batches", description=(
+        "class means of a R_proc refresh: from the mini-batches seen since the last refresh (no extra pass), or a "
+        "no-grad pass over all adaptation inputs"))
+    procrustes_every: int = Field(25, ge=1, description="steps between R_proc refreshes (Eq. 9)")
+    procrustes_completion: Literal["identity", "svd"] = Field("identity", description=(
+        "where the class means leave R_proc undetermined (C_t < d): the optimum closest to the identity, or what "
+        "the SVD returns"))
+    routing: Literal["split", "joint"] = Field("split", description=(
+        "split: λ gets only L_entropy's gradient and R_t only L_align + L_rotation's (Alg. 2); joint: the full "
+        "gradient of Eq. 6 to both"))
     entropy_scaling: Literal["none", "head_norm"] = Field(
         "none", description="rescale each task's logits in L_entropy to a common scale (our option; see loop.entropy_scales)")
     mda_options: dict[str, Any] = Field(default_factory=dict, description="options of mda_ta (num_classes filled from the heads)")

@@ -76,23 +76,31 @@ SCHEDULES = {"nlp": (5e-4, 24), "cv": (1e-3, 16)}  # App. B.3: (lr of A_t, batch
 class MOMAOptions(LoopOptions):
     """Options of :func:`moma` (module docstring), plus the shared loop options."""
 
-    base: Literal["weight_averaging", "task_arithmetic", "ties"] = "task_arithmetic"
+    base: Literal["weight_averaging", "task_arithmetic", "ties"] = Field("task_arithmetic", description=(
+        "the data-free merge whose τ_agg is masked"))
     base_options: dict[str, Any] = Field(default_factory=dict, description="options of the base method")
     lam: float | None = Field(None, description="the base merge's λ (default: the method's default λ)")
-    variant: Literal["moma", "orthogonal", "linear_mask"] = "moma"
+    variant: Literal["moma", "orthogonal", "linear_mask"] = Field("moma", description=(
+        "Table 4: moma = mask and orthogonal A_t; orthogonal = no mask (σ(S) ≡ 1); linear_mask = mask, "
+        "A_t unconstrained (α = 0)"))
     alpha: float = Field(1.0, ge=0, description="weight of ‖A_tᵀA_t − I‖_F")
     beta: float = Field(5e-9, ge=0, description="weight of Σ σ(S)²")
     domain: Literal["nlp", "cv"] = Field("nlp", description="App. B.3's schedule: nlp = A_t lr 5e-4, batch 24; cv = 1e-3, 16")
-    steps: int = Field(1000, ge=0)
-    mask_lr: float = Field(0.1, gt=0)
+    steps: int = Field(1000, ge=0, description="optimisation steps (not given by the paper; spec: 1000)")
+    mask_lr: float = Field(0.1, gt=0, description="Adam learning rate of the mask logits S (App. B.3)")
     matrix_lr: float = Field(5e-4, gt=0, description="lr of A_t (default: by domain)")
-    mask_init: float = 3.0
-    mask_scope: Literal["all", "matrices"] = "all"
-    distance: Literal["l2", "squared"] = "l2"
-    orthogonality: Literal["penalty", "exp"] = "penalty"
-    final_mask: Literal["soft", "binary"] = "soft"
+    mask_init: float = Field(3.0, description="initial mask logit S (3: σ(S) ≈ 0.95)")
+    mask_scope: Literal["all", "matrices"] = Field("all", description=(
+        "which tensors get a mask: every tensor with a non-zero τ_agg, or the 2-D weights only"))
+    distance: Literal["l2", "squared"] = Field("l2", description=(
+        "alignment error of Eq. 10: the Euclidean norm as written, or its square"))
+    orthogonality: Literal["penalty", "exp"] = Field("penalty", description=(
+        "penalty: α‖A_tᵀA_t − I‖_F (Eq. 10); exp: A_t = exp(K − Kᵀ), orthogonal by construction, no penalty"))
+    final_mask: Literal["soft", "binary"] = Field("soft", description=(
+        "the deployed mask: the continuous σ(S), or σ(S) binarised at 0.5 (mask_rate, when given, decides instead)"))
     mask_rate: float | None = Field(None, ge=0.0, lt=1.0, description="binarise keeping the top (1 − rate) of S")
-    polar_before_absorb: bool = False
+    polar_before_absorb: bool = Field(False, description=(
+        "absorb the orthogonal polar factor of A_t into the head instead of A_t itself"))
     batch_size: int = Field(24, ge=1, description="inputs per task per step (default: by domain)")
 
     @model_validator(mode="before")
