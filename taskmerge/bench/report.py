@@ -3,9 +3,10 @@ suites): the mean of a list of scores and the table cells of a fraction."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["mean", "pct", "fmt"]
+__all__ = ["mean", "pct", "fmt", "avg_cell"]
 
 
 def mean(values: Sequence[float]) -> float:
@@ -21,3 +22,10 @@ def fmt(x: float | None, spec: str) -> str:
 def pct(x: float | None) -> str:
     """A fraction as a percentage with one decimal (``0.8754`` → ``87.5``), or ``–`` for a missing value."""
     return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def avg_cell(row: Mapping[str, Any], key: str) -> str:
+    """``87.5 [86.9, 88.1]``: the row's average ``key`` and, when the row has it (``row["ci95"][key]``), its 95 %
+    interval."""
+    ci = (row.get("ci95") or {}).get(key)
+    return pct(row.get(key)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")

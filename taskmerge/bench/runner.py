@@ -46,7 +46,7 @@ from taskmerge.bench.backbone import Backbone, load_backbone
 from taskmerge.bench.datasets import PROTOCOLS, SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
 from taskmerge.bench.finetune import HEADS, Recipe, configure_threads, finetune, get_recipe, task_head
-from taskmerge.bench.report import mean, pct
+from taskmerge.bench.report import avg_cell, mean, pct
 from taskmerge.bench.stats import bootstrap_average_ci, paired_bootstrap_diff_ci
 from taskmerge.errors import OptionError
 
@@ -473,12 +473,6 @@ def _run_seed(
     return results
 
 
-def _avg_cell(row: Mapping[str, Any], key: str) -> str:
-    """``87.5 [86.9, 88.1]``: the average and, when the row has it, its 95 % interval."""
-    ci = (row.get("ci95") or {}).get(key)
-    return pct(row.get(key)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
-
-
 def _diff_cell(d: Sequence[float] | None) -> str:
     """``+1.2 [0.4, 2.0] *`` in points; ``*`` when the paired interval excludes 0."""
     if not d:
@@ -533,19 +527,19 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         lines.append("| *test examples* | " + " | ".join(str(counts[t]) for t in tasks)
                      + f" | {sum(counts.values())} | – |")
     lines.append(f"| Pretrained ({heads}) | " + " | ".join(pct(pre["test"][t]) for t in tasks)
-                 + f" | {_avg_cell(pre, 'avg_test')} | – |")
+                 + f" | {avg_cell(pre, 'avg_test')} | – |")
     lines.append("| Fine-tuned (individual) | " + " | ".join(pct(ft["test"][t]) for t in tasks)
-                 + f" | {_avg_cell(ft, 'avg_test')} | – |")
+                 + f" | {avg_cell(ft, 'avg_test')} | – |")
     for name, res in results["methods"].items():
         lines.append(f"| {name} | " + " | ".join(pct(res["test"][t]) for t in tasks)
-                     + f" | {_avg_cell(res, 'avg_test')} | {res['lambda']:g} |")
+                     + f" | {avg_cell(res, 'avg_test')} | {res['lambda']:g} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | " + " | ".join(cols) + " | Avg [95 % CI] |", "|---|" + "---|" * (len(cols) + 1)]
     lines.append(f"| Pretrained ({heads}) | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)
-                 + f" | {_avg_cell(pre, 'avg_normalized_test')} |")
+                 + f" | {avg_cell(pre, 'avg_normalized_test')} |")
     for name, res in results["methods"].items():
         lines.append(f"| {name} | " + " | ".join(pct(res["normalized_test"][t]) for t in tasks)
-                     + f" | {_avg_cell(res, 'avg_normalized_test')} |")
+                     + f" | {avg_cell(res, 'avg_normalized_test')} |")
     refs = [x for x in meta.get("references", []) if x in results["methods"]]
     if refs:
         lines += ["", "## Paired differences to " + " and ".join(refs) + " (points, 95 % paired bootstrap interval)",

@@ -339,7 +339,7 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
         for name in FAKE_TASKS:
             assert row["normalized_test"][name] == pytest.approx(row["test"][name] / res["finetuned"]["test"][name])
         assert row["avg_test"] == pytest.approx(np.mean([row["test"][n] for n in FAKE_TASKS]))
-        lo, hi = row["avg_test_ci"]
+        lo, hi = row["ci95"]["avg_test"]
         assert lo <= row["avg_test"] <= hi
         if label != "task_arithmetic":
             assert "task_arithmetic" in row["normalized_diff_vs"]
@@ -360,6 +360,9 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
     assert "| Pretrained (zero-shot) |" in md and "| ada (data-based, from task_arithmetic) |" in md
     assert "| mda (data-based, from mda_ta, validation labels) |" in md
     assert "PCAM = `pcam`" in md
+    ta_row = res["methods"]["task_arithmetic"]  # its average cell carries the interval of the JSON's ci95
+    lo, hi = ta_row["ci95"]["avg_normalized_test"]
+    assert f"{100 * ta_row['avg_normalized_test']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in md
 
 
 def test_command_errors_are_one_line(fake: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

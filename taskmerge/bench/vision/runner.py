@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskmerge.bench.report import mean, pct
+from taskmerge.bench.report import avg_cell, mean, pct
 from taskmerge.bench.vision.suite import Suite
 from taskmerge.errors import CheckpointError, OptionError
 
@@ -68,6 +68,8 @@ class _Scorer:
         self.seed = seed
 
     def summary(self, correct: Correct) -> dict[str, Any]:
+        """Per-task and normalised test accuracy, their averages and the averages' 95 % intervals (``ci95``, the
+        text runner's keys)."""
         from taskmerge.bench.stats import bootstrap_average_ci
 
         arrays = _arrays(correct)
@@ -75,8 +77,8 @@ class _Scorer:
         avg, lo, hi = bootstrap_average_ci(arrays, None, self.n_boot, self.seed)
         navg, nlo, nhi = bootstrap_average_ci(arrays, self.ft, self.n_boot, self.seed)
         return {"test": test, "normalized_test": {n: self.norm(a, self.ft_acc[n]) for n, a in test.items()},
-                "avg_test": avg, "avg_test_ci": [lo, hi], "avg_normalized_test": navg,
-                "avg_normalized_test_ci": [nlo, nhi]}
+                "avg_test": avg, "avg_normalized_test": navg,
+                "ci95": {"avg_test": [lo, hi], "avg_normalized_test": [nlo, nhi]}}
 
     def difference(self, a: Correct, b: Correct) -> list[float]:
         """``[Δ, low, high]`` of the normalised averages of ``a`` minus ``b`` (paired over test examples)."""
@@ -300,11 +302,6 @@ def _meta(suite: Suite, rows: list[str], lam_grid: Sequence[float] | None, patie
     }
 
 
-def _ci(row: Mapping[str, Any], key: str) -> str:
-    lo, hi = row[f"{key}_ci"]
-    return f"{pct(row[key])} [{pct(lo)}, {pct(hi)}]"
-
-
 def _label(name: str, row: Mapping[str, Any]) -> str:
     if row.get("kind") != "data-based":
         return name
@@ -340,22 +337,22 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     ]
     pre, ft = results["pretrained"], results["finetuned"]
     lines.append("| Pretrained (zero-shot) | " + " | ".join(pct(pre["test"][t]) for t in tasks)
-                 + f" | {_ci(pre, 'avg_test')} | – |")
+                 + f" | {avg_cell(pre, 'avg_test')} | – |")
     lines.append("| Fine-tuned (individual) | " + " | ".join(pct(ft["test"][t]) for t in tasks)
-                 + f" | {_ci(ft, 'avg_test')} | – |")
+                 + f" | {avg_cell(ft, 'avg_test')} | – |")
     rows = results["methods"]
     for name, row in rows.items():
         option = "".join(f", {k}={v:g}" for k, v in row.get("chosen_option", {}).items())
         lines.append(f"| {_label(name, row)} | " + " | ".join(pct(row["test"][t]) for t in tasks)
-                     + f" | {_ci(row, 'avg_test')} | {row['lambda']:g}{option} |")
+                     + f" | {avg_cell(row, 'avg_test')} | {row['lambda']:g}{option} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | " + " | ".join(cols) + " | Avg [95% CI] |", "|---|" + "---|" * (len(cols) + 1)]
     lines.append("| Pretrained (zero-shot) | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)
-                 + f" | {_ci(pre, 'avg_normalized_test')} |")
+                 + f" | {avg_cell(pre, 'avg_normalized_test')} |")
     for name, row in rows.items():
         lines.append(f"| {_label(name, row)} | "
                      + " | ".join(pct(row["normalized_test"][t]) for t in tasks)
-                     + f" | {_ci(row, 'avg_normalized_test')} |")
+                     + f" | {avg_cell(row, 'avg_normalized_test')} |")
     refs = [r for r in REFERENCE_METHODS if r in rows]
     if refs:
         lines += ["", "## Paired differences of the normalized average (points, 95% CI over test examples)", "",
