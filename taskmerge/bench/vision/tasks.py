@@ -59,6 +59,7 @@ class VisionTask:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (of ``classnames``)."""
         return len(self.classnames)
 
     def prompts(self, classname: str) -> list[str]:

@@ -49,6 +49,7 @@ class CLIPImageEncoder(nn.Module):
         return cls(clip.vision_model, clip.visual_projection)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings ``(B, D)`` of a batch of pixel values ``(B, 3, H, W)``."""
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
