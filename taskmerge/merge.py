@@ -696,9 +696,7 @@ def merge_to_lora(
     """
     req = MergeRequest.build(method, options, policy=policy, compute_dtype=compute_dtype, device=device, seed=seed)
     lam = _checked_lambda(req.spec.default_lambda if lam is None else lam)
-    table = {None: torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if output_dtype not in table:
-        raise OptionError(f"option dtype: expected one of float32, float16, bfloat16, got {output_dtype!r}")
+    factor_dtype = _output_dtype(output_dtype) or torch.float32
     base_reader = open_checkpoint(base)
     readers = [open_checkpoint(m, base=base_reader) for m in models]
     base_id, model_ids = input_identity(base), [input_identity(m) for m in models]
@@ -706,7 +704,7 @@ def merge_to_lora(
     described = {**_request_description(base_id, model_ids, req, lam, output_dtype, 0), "lora_rank": rank}
     del described["max_shard_bytes"]
     writer = LoraAdapterWriter(
-        output, rank, base_model_name_or_path=str(base), overwrite=overwrite, dtype=table[output_dtype],
+        output, rank, base_model_name_or_path=str(base), overwrite=overwrite, dtype=factor_dtype,
         drop_other=drop_other, metadata={"taskmerge_method": method, "taskmerge_lambda": repr(lam)},
         extra_files={"README.md": model_card(described, paper=req.spec.paper, summary=req.spec.summary, resumable=False)},
     )
