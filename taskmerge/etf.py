@@ -48,6 +48,7 @@ __all__ = [
     "GramProjector",
     "etf_branch",
     "helmert_basis",
+    "gaussian_qr",
     "simplex_etf",
     "etf_gram",
     "etf_projector",
@@ -96,11 +97,17 @@ def etf_gram(
     return (c * eye - torch.ones(c, c, dtype=dtype, device=device)) / (c - 1)
 
 
-def _gaussian_qr(dim: int, num_classes: int, seed: int) -> torch.Tensor:
-    """The complete orthogonal factor (dim × dim, float64) of a seeded Gaussian dim × C matrix."""
+def gaussian_qr(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """The complete orthogonal factor ``Q`` (rows × rows, float64) of the QR decomposition of a seeded
+    standard-Gaussian ``rows × cols`` matrix (drawn on the CPU from ``torch.Generator().manual_seed(seed)``).
+
+    Its first ``min(rows, cols)`` columns are the random orthonormal directions of the QR branch of MDA App. B.1
+    (:func:`simplex_etf` with ``rows = d``, ``cols = C``); with ``rows == cols`` it is a seeded random orthogonal
+    matrix. The same ``(rows, cols, seed)`` gives the same bits on every call.
+    """
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
-    x = torch.randn(dim, num_classes, generator=gen, dtype=torch.float64)
+    x = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     q, _ = torch.linalg.qr(x, mode="complete")
     return q
 
@@ -124,7 +131,7 @@ def simplex_etf(
     c = num_classes
     scale = math.sqrt(c / (c - 1))
     if etf_branch(dim, c) == "qr":
-        q = _gaussian_qr(dim, c, seed)[:, :c]
+        q = gaussian_qr(dim, c, seed)[:, :c]
         centred = q - q.mean(dim=1, keepdim=True)  # Q (I − 11ᵀ/C)
         w = scale * centred.T
     else:
@@ -210,7 +217,7 @@ def _etf_projector64(dim: int, num_classes: int, seed: int) -> GramProjector:
     scale = c / (c - 1)
     if etf_branch(dim, c) == "svd":
         return GramProjector(dim, scale, dim)
-    q_full = _gaussian_qr(dim, c, seed)
+    q_full = gaussian_qr(dim, c, seed)
     q = q_full[:, :c]
     range_basis = q @ helmert_basis(c)  # dim × (C−1), orthonormal, spans Q (I − 11ᵀ/C)
     null_basis = torch.cat([q.sum(dim=1, keepdim=True) / math.sqrt(c), q_full[:, c:]], dim=1)
@@ -244,7 +251,7 @@ def etf_projector(
 def _random_subspace64(dim: int, rank: int, seed: int) -> GramProjector:
     if rank >= dim:
         return GramProjector(dim, 1.0, dim)
-    q_full = _gaussian_qr(dim, rank, seed)
+    q_full = gaussian_qr(dim, rank, seed)
     return _factored(dim, 1.0, q_full[:, :rank], q_full[:, rank:])
 
 

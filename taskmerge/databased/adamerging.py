@@ -36,6 +36,7 @@ from taskmerge.databased.encoder import FunctionalEncoder
 from taskmerge.databased.loop import (
     DataMergeResult,
     LoopOptions,
+    UnlabeledInputs,
     as_inputs,
     entropy,
     entropy_scales,
@@ -46,7 +47,7 @@ from taskmerge.databased.loop import (
     task_vectors,
 )
 
-__all__ = ["AdaMergingOptions", "CoefficientMerge", "adamerging", "entropy_loss", "ties_preprocess"]
+__all__ = ["AdaMergingOptions", "CoefficientMerge", "adamerging", "check_inputs", "entropy_loss", "ties_preprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,15 @@ def entropy_loss(logits: Sequence[torch.Tensor], scales: Sequence[float] | None 
     return total, parts
 
 
-def _check_inputs(heads: Sequence[Any], inputs: Sequence[Any], task_count: int) -> list[Any]:
+def check_inputs(heads: Sequence[Any], inputs: Sequence[Any], task_count: int) -> list[UnlabeledInputs]:
+    """The T unlabeled input sets as :class:`~taskmerge.databased.loop.UnlabeledInputs` (each through
+    :func:`~taskmerge.databased.loop.as_inputs`), after checking that there is one head and one input set per
+    fine-tuned model (``task_count``); shared by AdaMerging, MDA-AM and MOMA.
+
+    Raises:
+        ValueError: when the number of heads or of input sets differs from ``task_count``.
+        TypeError: when an input set is neither a tensor nor an :class:`~taskmerge.databased.loop.UnlabeledInputs`.
+    """
     if len(heads) != task_count or len(inputs) != task_count:
         raise ValueError(f"{task_count} fine-tuned models but {len(heads)} heads and {len(inputs)} input sets")
     return [as_inputs(x) for x in inputs]
@@ -186,7 +195,7 @@ def adamerging(
         heads; ``info["lambdas"]`` the learned coefficients.
     """
     opts = parse_options_as(AdaMergingOptions, options, "adamerging")
-    inputs = _check_inputs(heads, unlabeled_inputs, len(task_sds))
+    inputs = check_inputs(heads, unlabeled_inputs, len(task_sds))
     inputs = [subset_inputs(x, opts.data_fraction, opts.seed + t) for t, x in enumerate(inputs)]
     vectors = task_vectors(base_sd, task_sds)
     if opts.preprocess == "ties":

@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from taskmerge import linalg
-from taskmerge.databased.adamerging import CoefficientMerge, _check_inputs
+from taskmerge.databased.adamerging import CoefficientMerge, check_inputs
 from taskmerge.databased.encoder import FunctionalEncoder
 from taskmerge.databased.loop import (
     DataMergeResult,
@@ -104,7 +104,7 @@ from taskmerge.databased.loop import (
     with_weight,
 )
 from taskmerge.errors import OptionError
-from taskmerge.etf import helmert_basis, simplex_etf
+from taskmerge.etf import gaussian_qr, helmert_basis, simplex_etf
 from taskmerge.registry import LayerContext
 from taskmerge.rotation import Rotation, procrustes
 from taskmerge.selection import TensorClass, TensorPolicy
@@ -170,7 +170,7 @@ def mda_task_blocks(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapp
     ``P_ETF`` as :func:`taskmerge.methods.mda.mda_ta`; a tensor MDA-TA averages (biases, norms, embeddings)
     contributes ``Δ_t / T`` per task. Only ``shared="tsv"`` has per-task blocks.
     """
-    from taskmerge.methods.mda import MDAOptions, _layer_projector, _rank_per_task
+    from taskmerge.methods.mda import MDAOptions, layer_projector, rank_per_task
 
     opts = MDAOptions(**dict(mda_options))
     if opts.shared != "tsv":
@@ -187,7 +187,7 @@ def mda_task_blocks(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapp
             out[name] = deltas / T
             continue
         m, n = deltas.shape[1:]
-        k = _rank_per_task(opts, (m, n), T)
+        k = rank_per_task(opts, (m, n), T)
         eps = torch.finfo(deltas.dtype).eps * max(m, n)
         us, ss, vhs, owner = [], [], [], []
         for t, d in enumerate(deltas):  # as taskmerge.methods.tsv.tsv_bases, remembering each triplet's task
@@ -207,7 +207,7 @@ def mda_task_blocks(base_sd: Mapping[str, torch.Tensor], task_sds: Sequence[Mapp
                 sel = who == t
                 if bool(sel.any()):
                     blocks[t] = (u[:, sel] * s[sel]) @ vh[sel]
-        projector = _layer_projector(opts, deltas, LayerContext(name=name))
+        projector = layer_projector(opts, deltas, LayerContext(name=name))
         if projector is not None:
             blocks = torch.stack([projector.apply(b, opts.etf_side) for b in blocks])
         out[name] = blocks
@@ -226,12 +226,11 @@ def _global_frame(classes: int, dim: int, seed: int) -> torch.Tensor:
     exists in R^d and the truncated Helmert frame of the SVD branch has all-zero rows (class j's Helmert
     coefficients vanish on the first ``j − 1`` columns), so a target would be the zero vector; we use
     ``sqrt(C/(C−1)) · H Q[:, :d]`` instead, with ``H`` the Helmert basis of ``1^⊥`` and ``Q`` a seeded random
-    orthogonal ``(C−1) × (C−1)`` matrix — another valid "U from the SVD of the centring matrix", with no zero
+    orthogonal ``(C−1) × (C−1)`` matrix (:func:`taskmerge.etf.gaussian_qr`) — another valid "U from the SVD of the centring matrix", with no zero
     row [INFERRED]; rows are normalised by the caller."""
     if dim >= classes:
         return simplex_etf(classes, dim, seed=seed, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(classes - 1, classes - 1, generator=gen, dtype=torch.float64))
+    q = gaussian_qr(classes - 1, classes - 1, seed)
     return math.sqrt(classes / (classes - 1)) * (helmert_basis(classes) @ q)[:, :dim]
 
 
@@ -380,7 +379,7 @@ def mda_am(
     """
     opts = parse_options_as(MDAAMOptions, options, "mda_am")
     T = len(task_sds)
-    inputs = _check_inputs(heads, unlabeled_inputs, T)
+    inputs = check_inputs(heads, unlabeled_inputs, T)
     inputs = [subset_inputs(x, opts.data_fraction, opts.seed + t) for t, x in enumerate(inputs)]
     if opts.class_means == "labels":
         if labeled is None or len(labeled) != T:

@@ -51,7 +51,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from taskmerge import linalg
-from taskmerge.databased.adamerging import _check_inputs
+from taskmerge.databased.adamerging import check_inputs
 from taskmerge.databased.encoder import FunctionalEncoder, cache_features
 from taskmerge.databased.loop import (
     DataMergeResult,
@@ -265,7 +265,7 @@ def moma(
 
     opts = parse_options_as(MOMAOptions, options, "moma")
     T = len(task_sds)
-    inputs = _check_inputs(heads, unlabeled_inputs, T)
+    inputs = check_inputs(heads, unlabeled_inputs, T)
     inputs = [subset_inputs(x, opts.data_fraction, opts.seed + t) for t, x in enumerate(inputs)]
     lam = get_method(opts.base).default_lambda if opts.lam is None else opts.lam
     tau = start_vector if start_vector is not None else merged_task_vector(base_sd, task_sds, opts.base, opts.base_options)

@@ -82,7 +82,7 @@ from taskmerge.etf import GramProjector, etf_projector, low_rank_projector, orth
 from taskmerge.methods.tsv import tsv_bases
 from taskmerge.registry import LayerContext, MethodOptions, register_method
 
-__all__ = ["MDAOptions", "mda_ta", "alignment_projector", "frame_classes"]
+__all__ = ["MDAOptions", "mda_ta", "alignment_projector", "frame_classes", "layer_projector", "rank_per_task"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +182,13 @@ def frame_classes(options: MDAOptions, dim: int, num_tasks: int) -> int:
     return total
 
 
-def _rank_per_task(options: MDAOptions, shape: tuple[int, int], num_tasks: int) -> int:
+def rank_per_task(options: MDAOptions, shape: tuple[int, int], num_tasks: int) -> int:
+    """The per-task truncation rank ``k`` of the TSV-M step (MDA Alg. 1) for an ``m × n`` layer and T tasks.
+
+    ``k = ⌊ref / T⌋`` (or ``⌊k_fraction · ref⌋`` when ``k_fraction`` is set), clipped to ``[1, min(m, n)]``;
+    ``ref`` is ``min(m, n)`` for ``k_reference="min"``, else the dimension on the ETF side (``m`` for
+    ``etf_side="out"``, ``n`` for ``"in"``).
+    """
     m, n = shape
     r = min(m, n)
     ref = r if options.k_reference == "min" else (m if options.etf_side == "out" else n)
@@ -205,7 +211,17 @@ def alignment_projector(
     return etf_projector(dim, classes, seed=options.etf_seed, dtype=dtype, device=device)
 
 
-def _layer_projector(options: MDAOptions, deltas: torch.Tensor, ctx: LayerContext) -> GramProjector | None:
+def layer_projector(options: MDAOptions, deltas: torch.Tensor, ctx: LayerContext) -> GramProjector | None:
+    """The alignment operator (``P_ETF`` of MDA Eq. 3, or the options' alternative) of one layer, ``None`` when the
+    layer is left unprojected (``projection="none"``, or excluded by ``etf_layers`` / ``etf_dims``).
+
+    ``deltas`` is the ``(T, m, n)`` stack of the layer's task updates; the operator acts on the ``m`` rows
+    (``etf_side="out"``) or the ``n`` columns (``"in"``), in ``deltas``' dtype and device.
+
+    Raises:
+        OptionError: for ``projection`` ``"etf"`` / ``"orthogonal"`` with a missing or mismatched
+            ``num_classes`` (checked on every layer, excluded or not).
+    """
     T, m, n = deltas.shape
     dim = m if options.etf_side == "out" else n
     if options.projection in ("etf", "orthogonal"):
@@ -256,8 +272,8 @@ def mda_ta(deltas: torch.Tensor, options: MDAOptions, ctx: LayerContext) -> torc
     """
     _check_deltas(deltas, "mda_ta")
     T, m, n = deltas.shape
-    projector = _layer_projector(options, deltas, ctx)
-    k = _rank_per_task(options, (m, n), T)
+    projector = layer_projector(options, deltas, ctx)
+    k = rank_per_task(options, (m, n), T)
     if options.shared == "tsv":
         shared = tsv_bases(deltas, k).reconstruct()
     else:
