@@ -342,9 +342,13 @@ def test_end_to_end_command_tables(fake: dict[str, Any], tmp_path: Path) -> None
         lo, hi = row["ci95"]["avg_test"]
         assert lo <= row["avg_test"] <= hi
         if label != "task_arithmetic":
-            assert "task_arithmetic" in row["normalized_diff_vs"]
-    assert res["methods"]["task_arithmetic"]["normalized_diff_vs"]["tsv_m"][0] == pytest.approx(
-        res["methods"]["task_arithmetic"]["avg_normalized_test"] - res["methods"]["tsv_m"]["avg_normalized_test"])
+            assert "task_arithmetic" in row["paired"]
+    ta_vs_tsv = res["methods"]["task_arithmetic"]["paired"]["tsv_m"]
+    for key in ("avg_test", "avg_normalized_test"):
+        assert ta_vs_tsv[key][0] == pytest.approx(
+            res["methods"]["task_arithmetic"][key] - res["methods"]["tsv_m"][key])
+    d = [100 * x for x in ta_vs_tsv["avg_normalized_test"]]
+    assert f"| task_arithmetic | – | {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] |" in md  # the JSON's normalised Δ
 
     # data-based rows: started from their data-free start's λ, adapted on the unlabeled test images
     assert res["methods"]["ada"]["start"] == "task_arithmetic" and res["methods"]["moma"]["start"] == "task_arithmetic"

@@ -12,8 +12,9 @@
    its start's chosen λ and score test;
 4. tables: per-task absolute and normalised test accuracy, averages with 95 % bootstrap intervals over test
    examples (:func:`taskmerge.bench.stats.bootstrap_average_ci`; the normalised interval resamples the
-   fine-tuned model's correctness with the same indices), and paired intervals of each method's normalised
-   average minus Task Arithmetic's and TSV-M's (:func:`taskmerge.bench.stats.paired_bootstrap_diff_ci`).
+   fine-tuned model's correctness with the same indices), and paired intervals of each method's absolute and
+   normalised averages minus Task Arithmetic's and TSV-M's (:func:`taskmerge.bench.stats.paired_bootstrap_diff_ci`;
+   the JSON's ``paired: {reference: {avg_test, avg_normalized_test}}``, as the text runner writes it).
 
 Results go to ``<out>/<stem>.json`` and ``<out>/<stem>.md``. ``python -m taskmerge.bench.vision --help`` (or
 ``taskmerge bench --suite vit``) runs it from the command line.
@@ -80,11 +81,14 @@ class _Scorer:
                 "avg_test": avg, "avg_normalized_test": navg,
                 "ci95": {"avg_test": [lo, hi], "avg_normalized_test": [nlo, nhi]}}
 
-    def difference(self, a: Correct, b: Correct) -> list[float]:
-        """``[Δ, low, high]`` of the normalised averages of ``a`` minus ``b`` (paired over test examples)."""
+    def paired(self, a: Correct, b: Correct) -> dict[str, list[float]]:
+        """``{"avg_test" | "avg_normalized_test": [Δ, low, high]}``: the averages of ``a`` minus ``b`` with their
+        paired 95 % intervals (same resampled test examples for both; the text runner's ``paired`` format)."""
         from taskmerge.bench.stats import paired_bootstrap_diff_ci
 
-        return list(paired_bootstrap_diff_ci(_arrays(a), _arrays(b), self.ft, self.n_boot, self.seed))
+        xa, xb = _arrays(a), _arrays(b)
+        return {"avg_test": list(paired_bootstrap_diff_ci(xa, xb, None, self.n_boot, self.seed)),
+                "avg_normalized_test": list(paired_bootstrap_diff_ci(xa, xb, self.ft, self.n_boot, self.seed))}
 
 
 def _data_free_row(suite: Suite, label: str, method: str, options: dict[str, Any], lam_grid: Sequence[float] | None,
@@ -253,8 +257,8 @@ def run_vision_benchmark(
             "adapt_split": "test (unlabeled)",
             "delta_avg_normalized_test": summary["avg_normalized_test"] - start_row["avg_normalized_test"]}
     for label, row in results["methods"].items():
-        row["normalized_diff_vs"] = {ref: scorer.difference(correct[label], correct[ref])
-                                     for ref in REFERENCE_METHODS if ref in correct and ref != label}
+        row["paired"] = {ref: scorer.paired(correct[label], correct[ref])
+                         for ref in REFERENCE_METHODS if ref in correct and ref != label}
 
     results["meta"] = _meta(suite, list(results["methods"]), lam_grid, patience, n_boot, boot_seed,
                             {**suite.seconds, "reference_eval": reference_seconds,
@@ -360,7 +364,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         for name, row in rows.items():
             cells = []
             for r in refs:
-                d = row["normalized_diff_vs"].get(r)
+                d = row["paired"].get(r, {}).get("avg_normalized_test")
                 cells.append("–" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Tasks: " + "; ".join(f"{meta['titles'][t]} = `{t}` ({meta['data'][t]['n_test']} test, "
