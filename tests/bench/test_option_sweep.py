@@ -72,3 +72,10 @@ def test_registered_methods_alignmerge_b_sweeps_alpha_and_task_arithmetic_sweeps
     assert swept_option(ta, ta.lambda_grid, {}) is None
     wa = get_method("weight_averaging")  # λ grid (1.0,) but no option of its own to sweep
     assert swept_option(wa, wa.lambda_grid, {}) is None
+
+
+def test_table_names_the_swept_option_beside_lambda():
+    from taskmerge.bench.runner import _choice_cell
+
+    assert _choice_cell({"lambda": 0.25}) == "0.25"
+    assert _choice_cell({"lambda": 1.0, "chosen_option": {"alpha": 1.8}}) == "1 (alpha = 1.8)"
