@@ -147,10 +147,10 @@ def test_manifest_hashes_stable_across_processes() -> None:
             assert runs[0][n] == _load(n).manifest["sha256"]
 
 
-V1_MANIFEST_HASHES = {  # computed with the code before protocol v2 existed (commit 665f739)
+V1_MANIFEST_HASHES = {  # computed with the code before protocol v2 existed (commit 665f739), setup.sh's packages only
     "fortune_topic_a": "18e67d05d7d942df817fd416d6dc8c3998b60bb5fc3ee11560c1e0e2a22354d4",
     "fortune_topic_b": "6bbdf27d3f0d90931420e548381360ea35afc0ca9cc5951c63ec24692a3b9069",
-    "fortune_language": "37500bdb9c3656c68830cff8a4f70cb0d45d9a5976eaebe3c4f71567b2f79a4f",
+    "fortune_language": "0baada9a6f525dfc85f4cada99c8a769c3e3410281cbfa4fb9c6e44a8ae3a883",
     "wordnet_noun_supersense": "2fda2f600c4174e2e2ca39a5144ddd92f8820acc5f60cef6c66c6833ea993313",
     "wordnet_verb_supersense": "0474929085a88c923e87fe94b3ed765edb2865c4825358e64d3ae0ed070a0a98",
     "wordnet_pos": "82495c6b85b2bb7363c3b2413f7e502e463bee1a277ae7eb7477d4daaad48c76",
@@ -336,3 +336,13 @@ def test_chatterbot_category_lines_come_from_their_file() -> None:
     for text, y in d.train + d.test:
         assert text in lines[d.labels[y]]
         assert all(text not in lines[other] for other in d.labels if other != d.labels[y])
+
+
+def test_fortune_language_ignores_other_packages_files(tmp_path: Path) -> None:
+    """A fortune file another package drops into the folder (e.g. fortunes-mario, Portuguese) is not English."""
+    from taskmerge.bench.datasets import fortunes
+
+    for name in ("computers", "brasil", "mario.geral"):
+        (tmp_path / name).write_text(f"a {name} saying\n%\nanother {name} saying\n%\n", encoding="utf-8")
+    topics = fortunes.english_topics(str(tmp_path))
+    assert set(topics) == {"computers"}

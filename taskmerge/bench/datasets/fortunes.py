@@ -104,10 +104,24 @@ def _data_files(directory: Path) -> list[Path]:
     )
 
 
+ENGLISH_FILES: frozenset[str] = frozenset((
+    "art", "ascii-art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education",
+    "ethnic", "food", "goedel", "humorists", "kids", "knghtbrd", "law", "linux", "linuxcookie", "love", "magic",
+    "medicine", "men-women", "miscellaneous", "news", "paradoxum", "people", "perl", "pets", "platitudes",
+    "politics", "pratchett", "science", "songs-poems", "sports", "startrek", "tao", "translate-me", "wisdom",
+    "work", "zippy",  # Debian package fortunes 1:1.99.1
+    "fortunes", "literature", "riddles",  # fortunes-min
+))
+"""The English fortune files of the Debian packages ``fortunes`` and ``fortunes-min``. Other packages install
+into the same folder (``fortunes-mario`` is Portuguese, ``fortunes-bofh-excuses``, ``fortunes-debian-hints``...):
+the English class reads only these files, so the task's data does not depend on what else is installed."""
+
+
 @lru_cache(maxsize=4)
 def english_topics(root: str = str(FORTUNE_DIR)) -> dict[str, tuple[str, ...]]:
-    """English topic files of the ``fortunes`` package: ``{topic: entries}`` (``brasil`` excluded)."""
-    files = [p for p in _data_files(Path(root)) if p.name != "brasil"]
+    """English topic files of the ``fortunes`` / ``fortunes-min`` packages (:data:`ENGLISH_FILES`):
+    ``{topic: entries}``."""
+    files = [p for p in _data_files(Path(root)) if p.name in ENGLISH_FILES]
     return {p.name: tuple(_read(p)) for p in files}
 
 
