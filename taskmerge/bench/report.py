@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["mean", "pct", "fmt", "avg_cell"]
+__all__ = ["mean", "pct", "fmt", "avg_cell", "choice_cell"]
 
 
 def mean(values: Sequence[float]) -> float:
@@ -29,3 +29,9 @@ def avg_cell(row: Mapping[str, Any], key: str) -> str:
     interval."""
     ci = (row.get("ci95") or {}).get(key)
     return pct(row.get(key)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
+
+
+def choice_cell(row: Mapping[str, Any]) -> str:
+    """A table's λ cell: λ, followed by the method's own hyper-parameter when that was swept instead."""
+    chosen = ", ".join(f"{k} = {v:g}" for k, v in (row.get("chosen_option") or {}).items())
+    return f"{row['lambda']:g} ({chosen})" if chosen else f"{row['lambda']:g}"

@@ -46,7 +46,7 @@ from taskmerge.bench.backbone import Backbone, load_backbone
 from taskmerge.bench.datasets import PROTOCOLS, SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
 from taskmerge.bench.finetune import HEADS, Recipe, configure_threads, finetune, get_recipe, task_head
-from taskmerge.bench.report import avg_cell, mean, pct
+from taskmerge.bench.report import avg_cell, choice_cell, mean, pct
 from taskmerge.bench.stats import bootstrap_average_ci, paired_bootstrap_diff_ci
 from taskmerge.errors import OptionError
 
@@ -473,12 +473,6 @@ def _run_seed(
     return results
 
 
-def _choice_cell(res: Mapping[str, Any]) -> str:
-    """The table's λ cell: λ, followed by the method's own hyper-parameter when that was swept instead."""
-    chosen = ", ".join(f"{k} = {v:g}" for k, v in (res.get("chosen_option") or {}).items())
-    return f"{res['lambda']:g} ({chosen})" if chosen else f"{res['lambda']:g}"
-
-
 def _diff_cell(d: Sequence[float] | None) -> str:
     """``+1.2 [0.4, 2.0] *`` in points; ``*`` when the paired interval excludes 0."""
     if not d:
@@ -538,7 +532,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                  + f" | {avg_cell(ft, 'avg_test')} | – |")
     for name, res in results["methods"].items():
         lines.append(f"| {name} | " + " | ".join(pct(res["test"][t]) for t in tasks)
-                     + f" | {avg_cell(res, 'avg_test')} | {_choice_cell(res)} |")
+                     + f" | {avg_cell(res, 'avg_test')} | {choice_cell(res)} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | " + " | ".join(cols) + " | Avg [95 % CI] |", "|---|" + "---|" * (len(cols) + 1)]
     lines.append(f"| Pretrained ({heads}) | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)

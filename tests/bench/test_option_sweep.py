@@ -75,7 +75,7 @@ def test_registered_methods_alignmerge_b_sweeps_alpha_and_task_arithmetic_sweeps
 
 
 def test_table_names_the_swept_option_beside_lambda():
-    from taskmerge.bench.runner import _choice_cell
+    from taskmerge.bench.report import choice_cell as _choice_cell
 
     assert _choice_cell({"lambda": 0.25}) == "0.25"
     assert _choice_cell({"lambda": 1.0, "chosen_option": {"alpha": 1.8}}) == "1 (alpha = 1.8)"

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskmerge.bench.report import avg_cell, mean, pct
+from taskmerge.bench.report import avg_cell, choice_cell, mean, pct
 from taskmerge.bench.vision.suite import Suite
 from taskmerge.errors import CheckpointError, OptionError
 
@@ -346,9 +346,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                  + f" | {avg_cell(ft, 'avg_test')} | – |")
     rows = results["methods"]
     for name, row in rows.items():
-        option = "".join(f", {k}={v:g}" for k, v in row.get("chosen_option", {}).items())
         lines.append(f"| {_label(name, row)} | " + " | ".join(pct(row["test"][t]) for t in tasks)
-                     + f" | {avg_cell(row, 'avg_test')} | {row['lambda']:g}{option} |")
+                     + f" | {avg_cell(row, 'avg_test')} | {choice_cell(row)} |")
     lines += ["", "## Normalized test accuracy (% of the fine-tuned model's accuracy)", "",
               "| Method | " + " | ".join(cols) + " | Avg [95% CI] |", "|---|" + "---|" * (len(cols) + 1)]
     lines.append("| Pretrained (zero-shot) | " + " | ".join(pct(pre["normalized_test"][t]) for t in tasks)
