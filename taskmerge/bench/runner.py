@@ -214,6 +214,18 @@ def _across_seeds(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def seed_results(runs: Mapping[int, Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """The rows of a results dict: the first seed's at the top level and, with several seeds, every seed's rows
+    under ``seed_runs`` and their mean ± sd under ``across_seeds``."""
+    results: dict[str, Any] = {k: runs[seeds[0]][k] for k in ("pretrained", "finetuned", "methods")}
+    if len(seeds) > 1:
+        ordered = {s: runs[s] for s in seeds}
+        results["seed_runs"] = {str(s): {k: r[k] for k in ("pretrained", "finetuned", "methods", "checkpoints")}
+                                for s, r in ordered.items()}
+        results["across_seeds"] = _across_seeds(ordered)
+    return results
+
+
 def run_benchmark(
     methods: Sequence[str] | None = None,
     tasks: int | str | Sequence[str] = 8,
@@ -304,11 +316,7 @@ def run_benchmark(
             cache=cache, progress=progress, patience=patience, n_boot=n_boot, references=references,
         )
     first = runs[seeds[0]]
-    results: dict[str, Any] = {k: first[k] for k in ("pretrained", "finetuned", "methods")}
-    if len(seeds) > 1:
-        results["seed_runs"] = {str(s): {k: r[k] for k in ("pretrained", "finetuned", "methods", "checkpoints")}
-                                for s, r in runs.items()}
-        results["across_seeds"] = _across_seeds(runs)
+    results = seed_results(runs, seeds)
 
     timings = {**first["timings"], "total": time.perf_counter() - t_start}
     results["meta"] = {
@@ -518,7 +526,13 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         lines.append(f"- Intervals: 95 % percentile bootstrap over test examples ({meta['n_boot']} replicates, "
                      "examples resampled within each task; normalized accuracy resamples the fine-tuned model's "
                      "correctness on the same examples). Tables show the first fine-tuning seed.")
-    lines += [f"- Wall time: {meta['timings_seconds']['total']:.0f} s", ""]
+    combined = meta.get("combined_from")
+    if combined:
+        lines.append("- Combined from separate runs (`python -m taskmerge.bench.combine`): " + "; ".join(
+            f"seed{'s' if len(c['finetune_seeds']) > 1 else ''} {', '.join(map(str, c['finetune_seeds']))} "
+            f"run {c['date']} ({c['wall_seconds']:.0f} s)" for c in combined))
+    lines += [f"- Wall time: {meta['timings_seconds']['total']:.0f} s" + (" (sum of the runs)" if combined else ""),
+              ""]
     pre, ft = results["pretrained"], results["finetuned"]
     counts = {t: meta.get("manifests", {}).get(t, {}).get("counts", {}).get("test") for t in tasks}
     lines += ["## Absolute test accuracy (%)", "",
