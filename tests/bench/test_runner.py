@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from bench_helpers import load_into, reference_accuracy, reference_features
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from taskmerge.bench import runner
 from taskmerge.bench.datasets import load_task
@@ -261,3 +263,40 @@ def test_parse_variant() -> None:
     assert runner.parse_variant("ties") == ("ties", ("ties", {}))
     with pytest.raises(OptionError, match="key=value"):
         runner.parse_variant("x=ties:keep")
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 40), peak=st.integers(0, 39), stride=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_coarse_to_fine_sweep_finds_the_full_grids_maximum_on_unimodal_curves(n, peak, stride, seed) -> None:
+    """On a strictly unimodal validation curve, the coarse-to-fine sweep picks the brute-force arg-max of the
+    full grid, with at most ⌈n / s⌉ + 2(s − 1) evaluations."""
+    peak = peak % n
+    rng = np.random.default_rng(seed)
+    up = np.cumsum(rng.random(peak + 1) + 0.01)  # strictly increasing up to the peak, then strictly decreasing
+    down = up[-1] - np.cumsum(rng.random(n - peak - 1) + 0.01)
+    values = list(np.concatenate([up, down]))
+    grid = [round(0.1 * (i + 1), 10) for i in range(n)]
+    calls: list[float] = []
+
+    def score(lam):
+        calls.append(lam)
+        v = values[grid.index(lam)]
+        return v, {"t": v}
+
+    lam, best, curve = runner.sweep_lambda(grid, score, stride=stride)
+    assert lam == grid[int(np.argmax(values))] and best == max(values)
+    assert len(calls) == len(set(calls)) <= -(-n // stride) + 2 * (stride - 1)
+    assert [p["lambda"] for p in curve] == calls
+
+
+def test_coarse_to_fine_sweep_returns_a_point_that_beats_its_neighbours() -> None:
+    values = {0.1: 0.5, 0.2: 0.7, 0.3: 0.9, 0.4: 0.95, 0.5: 0.6, 0.6: 0.5, 0.7: 0.99}
+    grid = list(values)
+    lam, best, curve = runner.sweep_lambda(grid, lambda x: (values[x], {}), stride=2)
+    # coarse pass 0.1, 0.3, 0.5, 0.7 -> best 0.7 (0.99); its neighbour 0.6 is evaluated, 0.4 never is
+    assert (lam, best) == (0.7, 0.99) and [p["lambda"] for p in curve] == [0.1, 0.3, 0.5, 0.7, 0.6]
+    lam, _, _ = runner.sweep_lambda(grid, lambda x: (values[x], {}), patience=1, stride=2)
+    # stops after 0.5 (no gain over 0.3), then refines around 0.3: 0.2 and 0.4 -> 0.4
+    assert lam == 0.4
+    with pytest.raises(ValueError, match="stride"):
+        runner.sweep_lambda(grid, lambda x: (values[x], {}), stride=0)
