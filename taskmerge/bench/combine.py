@@ -11,8 +11,9 @@ new seeds need to run::
 The result is what ``--seeds 0,1,2`` writes in one run: the first seed's rows at the top level, every seed's
 rows under ``seed_runs`` and the mean ± sd of every average under ``across_seeds``. The inputs must agree on
 everything but the fine-tuning seed (backbone, recipe, protocol, heads, data seed and splits, tasks, methods,
-sweep protocol, bootstrap size, references, each method's λ grid); a difference is an error naming the field and
-the files.
+sweep protocol, bootstrap size, the λ grid of each method they share); a difference is an error
+naming the field and the files. The later seeds may run fewer methods (``--methods``): the first input's rows
+are all kept (its paired differences too), and the mean ± sd covers the rows present in every seed.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def _config(results: Mapping[str, Any]) -> dict[str, Any]:
         "data seed": meta.get("seed"),
         "tasks": meta["tasks"],
         "unseen_tasks": meta.get("unseen_tasks", []),
-        "methods": meta["methods"],
         "protocol": meta["protocol"],
         "n_boot": meta.get("n_boot"),
-        "references": meta.get("references", []),
         "data splits (sha256)": {n: m.get("sha256") for n, m in meta.get("manifests", {}).items()},
-        "λ grids": {n: row.get("grid") for n, row in results["methods"].items()},
     }
+
+
+def _grids(results: Mapping[str, Any]) -> dict[str, Any]:
+    return {n: row.get("grid") for n, row in results["methods"].items()}
 
 
 def seed_runs(results: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
@@ -80,6 +82,11 @@ def combine(results: Sequence[Mapping[str, Any]], sources: Sequence[str] | None 
         for key, value in ref.items():
             if cfg[key] != value:
                 raise OptionError(f"combine: {src} differs from {sources[0]} in {key}: {cfg[key]!r} vs {value!r}")
+        first_grids, grids = _grids(results[0]), _grids(res)
+        for name in set(first_grids) & set(grids):
+            if grids[name] != first_grids[name]:
+                raise OptionError(f"combine: {src} differs from {sources[0]} in the λ grid of {name}: "
+                                  f"{grids[name]} vs {first_grids[name]}")
     runs: dict[int, dict[str, Any]] = {}
     owner: dict[int, str] = {}
     for res, src in zip(results, sources):
@@ -88,6 +95,8 @@ def combine(results: Sequence[Mapping[str, Any]], sources: Sequence[str] | None 
                 raise OptionError(f"combine: fine-tuning seed {seed} is in both {owner[seed]} and {src}")
             runs[seed], owner[seed] = {k: run[k] for k in SEED_RUN_KEYS if k in run}, src
     seeds = list(runs)
+    if not set.intersection(*(set(r["methods"]) for r in runs.values())):
+        raise OptionError(f"combine: no method row is in every input ({', '.join(sources)})")
     combined = seed_results(runs, seeds)
     meta = json.loads(json.dumps(results[0]["meta"]))
     seed_timings: dict[str, Any] = {}

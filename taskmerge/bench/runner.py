@@ -221,10 +221,12 @@ def _paired_differences(
 
 
 def _across_seeds(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and sample standard deviation across fine-tuning seeds of every row's averages."""
+    """Mean and sample standard deviation across fine-tuning seeds of every row's averages (the method rows
+    present in every seed's run)."""
     first = next(iter(runs.values()))
+    common = [m for m in first["methods"] if all(m in r["methods"] for r in runs.values())]
     rows = {"pretrained": lambda r: r["pretrained"], "finetuned": lambda r: r["finetuned"]}
-    rows.update({m: (lambda r, m=m: r["methods"][m]) for m in first["methods"]})
+    rows.update({m: (lambda r, m=m: r["methods"][m]) for m in common})
     out: dict[str, Any] = {}
     for label, get in rows.items():
         out[label] = {}
@@ -608,6 +610,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
 
             per_seed = " / ".join(pct(x) for x in row.get("avg_normalized_test", {}).get("values", [])) or "–"
             lines.append(f"| {labels.get(key, key)} | {ms('avg_test')} | {ms('avg_normalized_test')} | {per_seed} |")
+        first_only = [m for m in results["methods"] if m not in across]
+        if first_only:
+            lines += ["", f"Rows run with fine-tuning seed {seeds[0]} only: {', '.join(first_only)}."]
     if unseen:
         ucols = [SHORT_NAMES.get(t, t) for t in unseen]
         lines += ["", f"## Unseen tasks (held out of the merge; {heads}), absolute test accuracy (%)", "",

@@ -46,11 +46,25 @@ def test_combined_seed_runs_equal_the_joint_run(tiny, cache, tmp_path) -> None:
     assert "Across fine-tuning seeds 0, 1" in md and "Combined from separate runs" in md
 
 
+def test_later_seeds_may_run_fewer_methods(tiny, cache, tmp_path) -> None:
+    a = runner.run_benchmark(["task_arithmetic", "weight_averaging"], out_dir=None, backbone=tiny, **KW)
+    b = runner.run_benchmark(["task_arithmetic"], out_dir=None, backbone=tiny, seeds=[1], **KW)
+    both = comb.combine([a, b], ["a.json", "b.json"])
+    assert set(both["methods"]) == {"task_arithmetic", "weight_averaging"}  # the first seed's rows, all kept
+    assert set(both["across_seeds"]) == {"pretrained", "finetuned", "task_arithmetic"}
+    assert both["across_seeds"]["task_arithmetic"]["avg_test"]["values"] == [
+        a["methods"]["task_arithmetic"]["avg_test"], b["methods"]["task_arithmetic"]["avg_test"]]
+    assert "Rows run with fine-tuning seed 0 only: weight_averaging." in runner.markdown_report(both)
+
+
 def test_combine_refuses_a_different_configuration_or_a_repeated_seed(tiny, cache, tmp_path) -> None:
     a = runner.run_benchmark(["task_arithmetic"], out_dir=None, backbone=tiny, **KW)
-    b = runner.run_benchmark(["weight_averaging"], out_dir=None, backbone=tiny, seeds=[1], **KW)
-    with pytest.raises(OptionError, match=r"b\.json differs from a\.json in methods"):
+    b = runner.run_benchmark(["task_arithmetic"], out_dir=None, backbone=tiny, seeds=[1], **{**KW, "n_boot": 60})
+    c = runner.run_benchmark(["weight_averaging"], out_dir=None, backbone=tiny, seeds=[1], **KW)
+    with pytest.raises(OptionError, match=r"b\.json differs from a\.json in n_boot"):
         comb.combine([a, b], ["a.json", "b.json"])
+    with pytest.raises(OptionError, match="no method row is in every input"):
+        comb.combine([a, c], ["a.json", "c.json"])
     with pytest.raises(OptionError, match="seed 0 is in both"):
         comb.combine([a, a], ["a.json", "a2.json"])
     with pytest.raises(OptionError, match="at least two"):
