@@ -50,12 +50,12 @@ def plot(curves: dict[str, list[Point]], out: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
     for name, pts in curves.items():
         ts = [p[0] for p in pts]
         est = [100 * p[1] for p in pts]
         err = [[100 * (p[1] - p[2]) for p in pts], [100 * (p[3] - p[1]) for p in pts]]
-        style = {"linestyle": "--", "color": "0.5"} if name == "pretrained" else {"marker": "o"}
+        style = {"linestyle": "--", "color": "black"} if name == "pretrained" else {"marker": "o"}
         ax.errorbar(ts, est, yerr=err, capsize=3, label=LABELS.get(name, name), **style)
     all_t = sorted({p[0] for pts in curves.values() for p in pts})
     ax.set_xticks(all_t)
@@ -64,7 +64,7 @@ def plot(curves: dict[str, list[Point]], out: Path, title: str = "") -> Path:
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150)
