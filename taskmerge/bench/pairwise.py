@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from taskmerge.bench.report import diff_cell, excludes_zero
 from taskmerge.bench.runner import unpack_correct
 from taskmerge.bench.stats import paired_bootstrap_diff_ci
 
@@ -63,21 +64,11 @@ def pairwise_differences(
     return out
 
 
-def separable(interval: Interval) -> bool:
-    """Whether a paired interval excludes 0."""
-    return interval[1] > 0 or interval[2] < 0
-
-
 def tied_with_best(diffs: Mapping[str, Mapping[str, Interval]]) -> list[str]:
     """The best row and every row whose paired difference to it has an interval containing 0."""
     names = list(diffs)
     best = names[0]
-    return [best] + [m for m in names[1:] if not separable(diffs[best][m])]
-
-
-def _cell(iv: Interval) -> str:
-    d, lo, hi = (100 * x for x in iv)
-    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if separable(iv) else "")
+    return [best] + [m for m in names[1:] if not excludes_zero(diffs[best][m])]
 
 
 def markdown(results: Mapping[str, Any], diffs: Mapping[str, Mapping[str, Interval]]) -> str:
@@ -93,10 +84,10 @@ def markdown(results: Mapping[str, Any], diffs: Mapping[str, Mapping[str, Interv
              f"| Method | Avg normalized | Δ vs {best} |", "|---|---|---|"]
     for m in names:
         avg = 100 * float(results["methods"][m]["avg_normalized_test"])
-        lines.append(f"| {m} | {avg:.1f} | " + ("–" if m == best else _cell(diffs[m][best])) + " |")
+        lines.append(f"| {m} | {avg:.1f} | " + ("–" if m == best else diff_cell(diffs[m][best])) + " |")
     lines += ["", "| row − column | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in names:
-        lines.append(f"| {a} | " + " | ".join("–" if a == b else _cell(diffs[a][b]) for b in names) + " |")
+        lines.append(f"| {a} | " + " | ".join("–" if a == b else diff_cell(diffs[a][b]) for b in names) + " |")
     return "\n".join(lines) + "\n"
 
 

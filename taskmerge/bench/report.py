@@ -35,3 +35,17 @@ def choice_cell(row: Mapping[str, Any]) -> str:
     """A table's λ cell: λ, followed by the method's own hyper-parameter when that was swept instead."""
     chosen = ", ".join(f"{k} = {v:g}" for k, v in (row.get("chosen_option") or {}).items())
     return f"{row['lambda']:g} ({chosen})" if chosen else f"{row['lambda']:g}"
+
+
+def excludes_zero(interval: Sequence[float]) -> bool:
+    """Whether a ``(difference, low, high)`` interval excludes 0."""
+    return interval[1] > 0 or interval[2] < 0
+
+
+def diff_cell(d: Sequence[float] | None) -> str:
+    """A paired difference ``(difference, low, high)`` (fractions) as ``+1.2 [+0.4, +2.0] *`` in points; ``*``
+    when the interval excludes 0; ``–`` when there is none."""
+    if not d:
+        return "–"
+    est, lo, hi = (100 * x for x in d)
+    return f"{est:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if excludes_zero(d) else "")

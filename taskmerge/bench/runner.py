@@ -46,7 +46,7 @@ from taskmerge.bench.backbone import Backbone, load_backbone
 from taskmerge.bench.datasets import PROTOCOLS, SHORT_NAMES, UNSEEN_TASKS, TaskData, load_task, resolve_tasks
 from taskmerge.bench.evaluate import Evaluator, normalized_accuracy
 from taskmerge.bench.finetune import HEADS, Recipe, configure_threads, finetune, get_recipe, task_head
-from taskmerge.bench.report import avg_cell, choice_cell, mean, pct
+from taskmerge.bench.report import avg_cell, choice_cell, diff_cell, mean, pct
 from taskmerge.bench.stats import bootstrap_average_ci, paired_bootstrap_diff_ci
 from taskmerge.errors import OptionError
 
@@ -513,14 +513,6 @@ def _run_seed(
     return results
 
 
-def _diff_cell(d: Sequence[float] | None) -> str:
-    """``+1.2 [0.4, 2.0] *`` in points; ``*`` when the paired interval excludes 0."""
-    if not d:
-        return "–"
-    est, lo, hi = (100 * x for x in d)
-    return f"{est:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else "")
-
-
 def _head_label(meta: Mapping[str, Any]) -> str:
     return "zero-shot heads" if meta.get("head", "probe") == "zeroshot" else "LP heads"
 
@@ -595,8 +587,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                   "|---|" + "---|" * (2 * len(refs))]
         for name, res in results["methods"].items():
             paired = res.get("paired", {})
-            cells = [_diff_cell(paired.get(x, {}).get("avg_normalized_test")) for x in refs]
-            cells += [_diff_cell(paired.get(x, {}).get("avg_test")) for x in refs]
+            cells = [diff_cell(paired.get(x, {}).get("avg_normalized_test")) for x in refs]
+            cells += [diff_cell(paired.get(x, {}).get("avg_test")) for x in refs]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     across = results.get("across_seeds")
     if across:
