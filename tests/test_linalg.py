@@ -38,6 +38,22 @@ def test_truncated_svd_gram_route_float32_accuracy() -> None:
     np.testing.assert_allclose(res.U.T @ res.U, np.eye(10), atol=1e-5)
 
 
+def test_truncated_svd_large_k_float32_subspace_matches_float64() -> None:
+    # Iso-CTS keeps the top 80 % of a power-law spectrum: the float32 input's top-k subspace must match a
+    # float64 numpy SVD of the same (float32-representable) matrix to ~1e-6, which a float32 LAPACK SVD
+    # misses by ~1e-4..1e-3 on such spectra (eps · σ₁ / gap).
+    rng = np.random.default_rng(7)
+    m, n = 600, 200
+    u, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = torch.from_numpy((u * np.arange(1, n + 1) ** -1.0) @ v.T).float()
+    k = int(0.8 * n)
+    res = linalg.truncated_svd(a, k)
+    ref_u = np.linalg.svd(a.double().numpy(), full_matrices=False)[0][:, :k]
+    got = res.U.double().numpy()
+    assert np.linalg.norm(got @ got.T - ref_u @ ref_u.T, 2) < 1e-5
+
+
 def test_truncated_svd_falls_back_on_rank_deficient_input() -> None:
     # rank 3, asked for 5: the trailing values are zero, with no NaN from dividing by them.
     a = _random(50, 3, 2) @ _random(3, 40, 3)
