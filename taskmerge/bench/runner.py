@@ -29,6 +29,7 @@ comparison can be recomputed from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -469,7 +470,7 @@ def _run_seed(
             merge_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             bar = tqdm(grid, desc=f"λ sweep {method}", disable=not progress, leave=False)
-            lam, best_score, curve = sweep_lambda(list(bar), lambda x: score_at(tau, x), patience, stride)
+            lam, best_score, curve = sweep_lambda(list(bar), functools.partial(score_at, tau), patience, stride)
             bar.close()
         else:  # the method's own hyper-parameter chosen on validation at λ = 1 (sweep_seconds includes the merges)
             key, values = swept

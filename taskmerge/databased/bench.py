@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskmerge.bench.report import fmt, mean, pct
+from taskmerge.bench.report import diff_cell, fmt, mean, pct
 from taskmerge.bench.runner import pack_correct, unpack_correct
 from taskmerge.bench.stats import paired_bootstrap_diff_ci
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
@@ -464,10 +464,10 @@ def _adapt_cell(r: Mapping[str, Any]) -> str:
 
 
 def _delta(r: Mapping[str, Any], key: str) -> str:
-    """``Δ [low, high]`` in points: the row's change vs its start with its paired-bootstrap 95 % interval."""
-    d = 100 * r[f"delta_{key}"]
+    """``Δ [low, high]`` in points: the row's change vs its start with its paired-bootstrap 95 % interval
+    (:func:`taskmerge.bench.report.diff_cell`, ``*`` when it excludes 0)."""
     ci = (r.get("delta_ci95") or {}).get(key)
-    return f"{d:+.1f}" if not ci else f"{d:+.1f} [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
+    return diff_cell(ci) if ci else f"{100 * r[f'delta_{key}']:+.1f}"
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taskmerge.bench.report import avg_cell, choice_cell, mean, pct
+from taskmerge.bench.report import avg_cell, choice_cell, diff_cell, mean, pct
 from taskmerge.bench.vision.suite import Suite
 from taskmerge.errors import CheckpointError, OptionError
 
@@ -358,13 +358,13 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                      + f" | {avg_cell(row, 'avg_normalized_test')} |")
     refs = [r for r in REFERENCE_METHODS if r in rows]
     if refs:
-        lines += ["", "## Paired differences of the normalized average (points, 95% CI over test examples)", "",
+        lines += ["", "## Paired differences of the normalized average (points, 95% CI over test examples; * excludes 0)", "",
                   "| Method | " + " | ".join(f"− {r}" for r in refs) + " |", "|---|" + "---|" * len(refs)]
         for name, row in rows.items():
             cells = []
             for r in refs:
                 d = row["paired"].get(r, {}).get("avg_normalized_test")
-                cells.append("–" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]")
+                cells.append(diff_cell(d))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Tasks: " + "; ".join(f"{meta['titles'][t]} = `{t}` ({meta['data'][t]['n_test']} test, "
                                         f"{meta['data'][t]['n_val']} validation)" for t in tasks) + "."]
