@@ -40,6 +40,7 @@ import torch
 from taskmerge.bench.report import diff_cell, fmt, mean, pct
 from taskmerge.bench.runner import pack_correct, unpack_correct
 from taskmerge.bench.stats import paired_bootstrap_diff_ci
+from taskmerge.databased.gap import attach_ceiling, gap_section
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
 from taskmerge.databased.curves import write_curve
 from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
@@ -426,9 +427,11 @@ def _write(results: dict[str, Any], names: list[str], recipe: Any, bb: Any, seed
 
 
 def combine_results(paths: Sequence[str | Path], out_dir: str | Path | None = None, stem: str = "databased",
-                    order: Sequence[str] | None = None) -> dict[str, Any]:
+                    order: Sequence[str] | None = None, ceiling: str | Path | None = None) -> dict[str, Any]:
     """Merge the JSON outputs of several :func:`run_databased` runs on the same tasks and checkpoints into one
-    table (starts and method rows of later files win on name clashes; ``order`` lists method rows first)."""
+    table (starts and method rows of later files win on name clashes; ``order`` lists method rows first);
+    ``ceiling``: a ``scripts/moma_ceiling.py`` JSON of the same benchmark, shown beside each row's share of the
+    gap closed (:mod:`taskmerge.databased.gap`)."""
     runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
     if not runs:
         raise ValueError("nothing to combine")
@@ -448,6 +451,8 @@ def combine_results(paths: Sequence[str | Path], out_dir: str | Path | None = No
         out["methods"] = {k: out["methods"][k] for k in [*order, *out["methods"]] if k in out["methods"]}
     out["meta"] = {**runs[-1]["meta"], "seconds": sum(r["meta"]["seconds"] for r in runs),
                    "combined_from": [str(p) for p in paths]}
+    if ceiling is not None:
+        attach_ceiling(out, json.loads(Path(ceiling).read_text(encoding="utf-8")), str(ceiling))
     if out_dir is not None:
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -548,6 +553,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
                      f"{fmt(loss[0] if loss else None, '.4f')} | {fmt(last, '.4f')} | "
                      f"{fmt(conv.get('tail_change'), '+.4f')} | {fmt(conv.get('total_change'), '+.4f')} | {falling} | "
                      f"{'–' if mask is None else f'{100 * mask:.1f} %'} | {lam_cell} | {'; '.join(notes)} |")
+    if results["methods"]:
+        lines += gap_section(results)
     lines += ["", "Task columns: " + "; ".join(f"{SHORT_NAMES.get(t, t)} = `{t}`" for t in tasks) + "."]
     return "\n".join(lines) + "\n"
 
@@ -570,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m taskmerge.databased.bench", description=__doc__.splitlines()[0])
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="instead of running: merge the JSON outputs of earlier runs into <out>/<stem>.{json,md}")
+    p.add_argument("--ceiling", metavar="JSON", help="with --combine: a scripts/moma_ceiling.py JSON of the same "
+                   "benchmark, shown beside each row's share of the gap closed")
     p.add_argument("--config", action="append",
                    help="NAME=METHOD:key=value,... e.g. 'moma-ta=moma:base=task_arithmetic,steps=100' (repeatable)")
     p.add_argument("--tasks", default="8")
@@ -591,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.combine:
-        print(markdown_table(combine_results(args.combine, args.out, args.stem)))
+        print(markdown_table(combine_results(args.combine, args.out, args.stem, ceiling=args.ceiling)))
         return 0
     if not args.config:
         p.error("give --config (or --combine)")
