@@ -40,10 +40,10 @@ import torch
 from taskmerge.bench.report import diff_cell, fmt, mean, pct
 from taskmerge.bench.runner import pack_correct, unpack_correct
 from taskmerge.bench.stats import paired_bootstrap_diff_ci
-from taskmerge.databased.gap import attach_ceiling, gap_section
 from taskmerge.databased import DATA_METHODS, get_data_method, parse_data_options, start_method
 from taskmerge.databased.curves import write_curve
 from taskmerge.databased.encoder import FunctionalEncoder, mean_pool_features
+from taskmerge.databased.gap import attach_ceiling, gap_section
 from taskmerge.databased.loop import LabeledInputs, TokenInputs, json_info
 
 __all__ = ["evaluate_databased", "run_databased", "combine_results", "markdown_table", "protocol_of", "main"]
@@ -599,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ceiling and not args.combine:
+        p.error("--ceiling goes with --combine")
     if args.combine:
         print(markdown_table(combine_results(args.combine, args.out, args.stem, ceiling=args.ceiling)))
         return 0

@@ -22,8 +22,8 @@ def _results() -> dict:
 def _ceiling(lam: float = 0.3, tasks: tuple[str, ...] = ("a", "b")) -> dict:
     return {"meta": {"tasks": list(tasks), "fit_split": "train"},
             "methods": {"task_arithmetic": {"lambda": lam, "average": {
-                "finetuned": 0.90, "identity": {"accuracy": 0.70}, "orthogonal": {"accuracy": 0.74},
-                "linear": {"accuracy": 0.88}}}}}
+                "finetuned": 0.90, "identity": {"accuracy": 0.70},
+                "orthogonal": {"accuracy": 0.74, "gap_closed": 0.2}, "linear": {"accuracy": 0.88, "gap_closed": 0.9}}}}}
 
 
 def test_gap_closed_closed_form() -> None:
