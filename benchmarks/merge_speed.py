@@ -3,8 +3,10 @@
 Every (implementation, method) pair runs in a fresh spawned process that builds the same seeded
 task vectors, merges them once and reports wall time and peak RSS (``ru_maxrss``) above the RSS it
 had once its inputs existed. When FusionBench (``pip install fusion-bench==0.2.33``) is importable,
-its TSV-M, Iso-C, Iso-CTS, TIES (flattened model, global 20 % trim, disjoint mean), task arithmetic and
-weight averaging run on the same tensors in the same script run; the speed ratio and the
+its TSV-M, Iso-C, Iso-CTS, TIES (flattened model, global 20 % trim, disjoint mean), task arithmetic
+(``task_arithmetic_merge`` on a zero base, as taskmerge gets it; and, as a lower bound, its bare ``state_dict_sum``
+of the task vectors, whose θ_t − θ₀ pass is not timed) and weight averaging (``state_dict_avg`` of the models) run on
+the same tensors in the same script run; the speed ratio and the
 largest per-tensor relative difference ``‖ours − theirs‖_F / ‖theirs‖_F`` are printed. With
 ``--reference64`` FusionBench's algorithm also runs on the same task vectors in float64, and both float32
 outputs are compared with it (which of the two float32 results is closer to the exact one).
@@ -51,6 +53,19 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+class _StateDictModel:
+    """What FusionBench's ``task_arithmetic_merge`` reads of a model: ``state_dict`` and ``load_state_dict``."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        self.sd = sd
+
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        return self.sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.sd = sd
+
+
 def _run_ours(method: str, tvs: list[dict[str, torch.Tensor]], device: str) -> dict[str, torch.Tensor]:
     from taskmerge.merge import merged_task_vector
     from taskmerge.selection import TensorPolicy
@@ -80,10 +95,19 @@ def _run_fusionbench(method: str, tvs: list[dict[str, torch.Tensor]], device: st
 
         flat = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
         return vector_to_state_dict(ties_merging(flat, reset_thresh=20, merge_func="mean"), tvs[0])
-    if method in ("task_arithmetic", "weight_averaging"):
+    if method == "task_arithmetic":
+        # FusionBench's Task Arithmetic (``task_arithmetic_merge``) on the inputs taskmerge gets: a zero base and
+        # the T models, each task vector formed by its state_dict_sub, summed by state_dict_add.
+        from fusion_bench.method.task_arithmetic.task_arithmetic import task_arithmetic_merge
+
+        base = _StateDictModel({k: torch.zeros_like(v) for k, v in tvs[0].items()})
+        return task_arithmetic_merge(base, [_StateDictModel(tv) for tv in tvs], scaling_factor=1.0).sd
+    if method in ("task_arithmetic_sum", "weight_averaging"):
+        # its in-place sum over task vectors formed beforehand (not timed: TA's θ_t − θ₀ pass is left out), and
+        # its simple average of the models (``simple_average`` on state dicts)
         from fusion_bench.utils.state_dict_arithmetic import state_dict_avg, state_dict_sum
 
-        return (state_dict_sum if method == "task_arithmetic" else state_dict_avg)(tvs)
+        return (state_dict_sum if method == "task_arithmetic_sum" else state_dict_avg)(tvs)
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 
     if method == "iso_c":
@@ -171,6 +195,9 @@ def main() -> None:
                 row["fusionbench"] = _measure("fusionbench", method, args, fb_path)
                 row["speedup"] = row["fusionbench"]["seconds"] / row["ours"]["seconds"]
                 row["max_rel_diff"] = _max_rel_diff(torch.load(ours_path), torch.load(fb_path))
+                if method == "task_arithmetic":  # also its bare sum, given the task vectors (a lower bound)
+                    row["fusionbench_sum"] = _measure("fusionbench", "task_arithmetic_sum", args, fb_path)
+                    row["speedup_sum"] = row["fusionbench_sum"]["seconds"] / row["ours"]["seconds"]
                 if args.reference64:
                     ref_path = f"{tmp}/ref64-{method}.pt"
                     row["reference64_seconds"] = _measure("fusionbench", method, args, ref_path, float64=True)["seconds"]
@@ -219,6 +246,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['method']} | {r['ours']['seconds']:.2f} | {r['ours']['peak_rss_mb']:.0f} | "
                      + (f"{fb['seconds']:.2f} | {fb['peak_rss_mb']:.0f} | {r['speedup']:.1f}× | {r['max_rel_diff']:.1e} | "
                         if fb else "– | – | – | – | ") + ref)
+        if "fusionbench_sum" in r:
+            fs = r["fusionbench_sum"]
+            lines.append(f"| {r['method']} vs FB's bare sum of given task vectors | {r['ours']['seconds']:.2f} | "
+                         f"{r['ours']['peak_rss_mb']:.0f} | {fs['seconds']:.2f} | {fs['peak_rss_mb']:.0f} | "
+                         f"{r['speedup_sum']:.1f}× | – | – | – |")
     return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
