@@ -5,7 +5,6 @@ dense route's."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 
