@@ -277,6 +277,7 @@ def run_databased(
     recipe = get_recipe(recipe)
     bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
     data = {n: load_task(n, seed, protocol) for n in names}
+    test_counts = {n: len(data[n].test) for n in names}
     checkpoints = {n: finetune(bb, data[n], recipe, cache=cache, progress=progress) for n in names}
     heads = {n: ck.head for n, ck in checkpoints.items()}
     base_sd = bb.state_dict()
@@ -380,8 +381,10 @@ def run_databased(
         logger.info("%s: test avg %.4f (normalized %.4f), Δ vs %s %+.4f", name, res["avg_test"],
                     res["avg_normalized_test"], smethod, res["delta_avg_test"])
         if out_dir is not None:  # write after every configuration, so a long run leaves partial results
-            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths, protocol)
-    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths, protocol)
+            _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths, protocol,
+                   test_counts)
+    return _write(results, names, recipe, bb, seed, t_start, out_dir, stem, machine_info(), ck_paths, protocol,
+                  test_counts)
 
 
 def _load_reference(reference: str | Path | None, names: list[str], recipe: Any,
@@ -406,7 +409,8 @@ def _load_reference(reference: str | Path | None, names: list[str], recipe: Any,
 
 def _write(results: dict[str, Any], names: list[str], recipe: Any, bb: Any, seed: int, t_start: float,
            out_dir: str | Path | None, stem: str, machine: Mapping[str, Any],
-           checkpoints: Mapping[str, str] | None = None, protocol: str = "v2") -> dict[str, Any]:
+           checkpoints: Mapping[str, str] | None = None, protocol: str = "v2",
+           test_counts: Mapping[str, int] | None = None) -> dict[str, Any]:
     results["meta"] = {
         "split_protocol": protocol,
         "checkpoints": dict(checkpoints or {}),
@@ -416,6 +420,7 @@ def _write(results: dict[str, Any], names: list[str], recipe: Any, bb: Any, seed
         "recipe": recipe.to_dict(),
         "seed": seed,
         "tasks": names,
+        "test_counts": dict(test_counts or {}),  # unpacks the rows' ``correct_test`` (taskmerge.bench.pairwise)
         "seconds": time.perf_counter() - t_start,
     }
     if out_dir is not None:

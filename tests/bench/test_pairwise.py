@@ -68,3 +68,25 @@ def test_unknown_row_is_named() -> None:
     res, _ = _results({"a": 0.7})
     with pytest.raises(KeyError, match="'zz'"):
         pairwise.pairwise_differences(res, ["a", "zz"])
+
+
+def test_data_based_table_its_starts_are_rows_and_the_fine_tuned_accuracy_normalizes() -> None:
+    """A ``taskmerge.databased.bench`` table: sizes in ``meta.test_counts``, the data-free starts as rows, and
+    only the fine-tuned accuracies (no per-example correctness) to normalize by."""
+    res, c = _results({"moma": 0.8, "moma_orth": 0.78})
+    meta = res["meta"]
+    meta["test_counts"] = {t: n for t, n in SIZES.items()}
+    del meta["manifests"]
+    ft_acc = {t: float(c["ft"][t].mean()) for t in SIZES}
+    res["finetuned"] = {"test": ft_acc}
+    res["starts"] = {"task_arithmetic": _row({t: np.random.default_rng(5).random(n) < 0.6 for t, n in SIZES.items()},
+                                             c["ft"]),
+                     "no_correctness": {"avg_normalized_test": 0.99}}
+    diffs = pairwise.pairwise_differences(res)
+    assert set(diffs) == {"moma", "moma_orth", "task_arithmetic"}  # a start without correctness is no row
+    starts = pairwise.correctness(res, res["starts"]["task_arithmetic"])
+    d, lo, hi = diffs["moma"]["task_arithmetic"]
+    closed = float(np.mean([(c["moma"][t].mean() - starts[t].mean()) / ft_acc[t] for t in SIZES]))
+    assert d == pytest.approx(closed, abs=1e-12) and lo <= d <= hi and excludes_zero((d, lo, hi))
+    with pytest.raises(KeyError, match="test_counts"):
+        pairwise.pairwise_differences({**res, "meta": {k: v for k, v in meta.items() if k != "test_counts"}})

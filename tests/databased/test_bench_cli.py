@@ -11,6 +11,7 @@ import yaml
 
 from taskmerge.bench.backbone import tiny_bert
 from taskmerge.bench.finetune import Recipe
+from taskmerge.bench.pairwise import pairwise_differences
 from taskmerge.cli import main
 from taskmerge.databased.bench import combine_results, run_databased
 from taskmerge.databased.loop import count_parameters
@@ -86,6 +87,10 @@ def test_run_databased_on_the_tiny_benchmark(tmp_path: Path, monkeypatch: pytest
     assert "val (inductive)" in md and "test (transductive)" in md and "val (class means)" in md
     both = combine_results([tmp_path / "out" / "t.json"] * 2, tmp_path / "out", "all", order=["moma-ties"])
     assert list(both["methods"])[0] == "moma-ties" and (tmp_path / "out" / "all.md").is_file()
+    # the saved table carries its test sizes, so the pairwise tool compares its rows (starts included)
+    assert saved["meta"]["test_counts"] == {n: len(data[n].test) for n in tasks}
+    diffs = pairwise_differences(saved, ["moma-ties", "ties"])
+    assert diffs["moma-ties"]["ties"][0] == pytest.approx(rows["moma-ties"]["delta_avg_normalized_test"], abs=1e-12)
 
 
 def _tiny_folder(path: Path, sd: dict[str, torch.Tensor] | None = None) -> None:

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import Problem, tiny_bert_problem
+from databased_problems import Problem, tiny_bert_problem
 
 from taskmerge.databased.adamerging import CoefficientMerge
 from taskmerge.databased.encoder import length_chunks

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import Problem
+from databased_problems import Problem
 
 from taskmerge.databased import adamerging, mda_am, moma
 from taskmerge.databased.adamerging import entropy_loss

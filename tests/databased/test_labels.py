@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import Problem
+from databased_problems import Problem
 
 from taskmerge.databased import mda_am
 from taskmerge.databased.loop import LabeledInputs, TensorInputs, head_logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Problem, toy_problem
+from databased_problems import Problem, toy_problem
 
 from taskmerge.databased import adamerging, mda_am, moma
 from taskmerge.databased.loop import (
