@@ -67,6 +67,7 @@ CERTIFIED_TOL = 1e-5
 # for which an iteration is tried at all: beyond it one iteration costs about as much as a dense decomposition.
 _CERTIFIED_MAX_ITER = 30
 _CERTIFIED_MAX_BLOCK = 0.5
+_CERTIFIED_ITER_WEIGHT = 2.0  # an iteration's time over its flop estimate, relative to the exact route's (below)
 
 
 class SVD(NamedTuple):
@@ -205,10 +206,14 @@ def certified_top_k(matrix: torch.Tensor, k: int, *, tol: float = CERTIFIED_TOL,
         return exact("block")
     if block > _CERTIFIED_MAX_BLOCK * n:
         return _certified_gram(matrix, k, tol, exact)
-    # No more iterations than the exact route's cost allows: ~4mnl + 4(m + n)l² flops per iteration against
-    # ~2mn² + 10n³ for the Gram product and its eigendecomposition (measured: an eigh's flops run ~3-5×
-    # slower than a product's), so a fall-back costs at most about twice the exact route.
-    affordable = (2 * m * n * n + 10 * n**3) / (4 * m * n * block + 4 * (m + n) * block**2)
+    # No more iterations than the exact route's cost allows: ~2mn² + 10n³ flops for the Gram product and its
+    # eigendecomposition (an eigh's flops run ~3-5× slower than a product's) against, per iteration, the two
+    # products 4mnl, the two QRs 4(m + n)l² and the Ritz SVD of the l × l block, counted like the eigh (10l³),
+    # the whole iteration weighted _CERTIFIED_ITER_WEIGHT: measured in float64 on 2 cores (m × n × l = 2048² ×
+    # 1024, 5632 × 2048 × 1024, 768² × 192, 3072 × 768 × 192, 2048² × 256), an iteration costs 1.6-2.2× this
+    # estimate against the exact route's time. So a fall-back costs at most about twice the exact route.
+    iteration = 4 * m * n * block + 4 * (m + n) * block**2 + 10 * block**3
+    affordable = (2 * m * n * n + 10 * n**3) / (_CERTIFIED_ITER_WEIGHT * iteration)
     if affordable < 3:  # not even the iterations that the stall test needs: the exact route is cheaper
         return exact("cost")
     max_iter = min(max_iter, int(affordable))
