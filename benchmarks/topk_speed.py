@@ -123,7 +123,9 @@ def _timed(fn) -> tuple[float, dict[str, torch.Tensor]]:
     return seconds, {k: v.float() for k, v in out.items()}
 
 
-def run_source(source: str, methods: list[str], args: argparse.Namespace, have_fb: bool) -> list[dict]:
+def run_source(source: str, methods: list[str], args: argparse.Namespace, have_fb: bool,
+               on_row=None) -> list[dict]:
+    """Every method's row on one source; ``on_row(row)`` is called after each (to save partial reports)."""
     tvs = load_source(source, args.tasks, args.layers, args.seed)
     matrices = sum(1 for v in tvs[0].values() if v.ndim == 2)
     rows = []
@@ -146,13 +148,19 @@ def run_source(source: str, methods: list[str], args: argparse.Namespace, have_f
         row["certified_vs_float64"] = _max_rel_diff(out, ref)
         row["certified_vs_exact_speedup"] = row["exact_s"] / row["certified_s"]
         if fb:
-            row["fusionbench_s"], out = _timed(lambda: _run_fusionbench(method, tvs, "cpu"))
-            row["fusionbench_vs_float64"] = _max_rel_diff(out, ref)
-            row["speedup_exact_vs_fb"] = row["fusionbench_s"] / row["exact_s"]
-            row["speedup_certified_vs_fb"] = row["fusionbench_s"] / row["certified_s"]
+            try:
+                row["fusionbench_s"], out = _timed(lambda: _run_fusionbench(method, tvs, "cpu"))
+            except torch.linalg.LinAlgError as exc:  # e.g. its float32 SVD not converging: a result, not a crash
+                row["fusionbench_error"] = f"LinAlgError: {str(exc).splitlines()[0]}"
+            else:
+                row["fusionbench_vs_float64"] = _max_rel_diff(out, ref)
+                row["speedup_exact_vs_fb"] = row["fusionbench_s"] / row["exact_s"]
+                row["speedup_certified_vs_fb"] = row["fusionbench_s"] / row["certified_s"]
         del out, ref
         rows.append(row)
         print(f"  {source} {method}: {json.dumps(row)}", file=sys.stderr)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -170,12 +178,13 @@ def markdown(report: dict) -> str:
     ]
     for r in report["results"]:
         fb = "fusionbench_s" in r
+        failed = f"failed ({r['fusionbench_error'].split(':')[0]}) | – | – | " if "fusionbench_error" in r else None
         routes = ", ".join(f"{k} {v}" for k, v in sorted(r["certified_routes"].items())) or "–"
         lines.append(
             f"| {r['source']} | {r['method']} | {r['tasks']} | {r['exact_s']:.2f} | {r['certified_s']:.2f} | "
             f"{r['certified_vs_exact_speedup']:.2f}× | "
             + (f"{r['fusionbench_s']:.2f} | {r['speedup_exact_vs_fb']:.2f}× | {r['speedup_certified_vs_fb']:.2f}× | "
-               if fb else "– | – | – | ")
+               if fb else failed or "– | – | – | ")
             + f"{r['exact_vs_float64']:.1e} | {r['certified_vs_float64']:.1e} | "
             + (f"{r['fusionbench_vs_float64']:.1e} | " if fb else "– | ")
             + f"{routes} |"
@@ -197,24 +206,34 @@ def main() -> None:
 
     have_fb = not args.no_fusionbench and importlib.util.find_spec("fusion_bench") is not None
     load_before = [round(x, 2) for x in os.getloadavg()]
-    rows = []
+    rows: list[dict] = []
+
+    def report(complete: bool) -> dict:
+        return {
+            "benchmark": "topk_speed", "tasks": args.tasks, "layers": args.layers, "fusionbench": have_fb,
+            "workers": WORKERS, "tolerance": linalg.CERTIFIED_TOL, "complete": complete,
+            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
+                        "load_after": [round(x, 2) for x in os.getloadavg()]},
+            "results": rows,
+        }
+
+    def save(rep: dict) -> None:  # after every row, so that a long run leaves its finished rows behind
+        if args.json:
+            args.json.write_text(json.dumps(rep, indent=2) + "\n")
+        if args.md:
+            args.md.write_text(markdown(rep) + ("" if rep["complete"] else "\n(partial: the run has not finished)\n"))
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        save(report(False))
+
     for source in args.sources:
-        rows += run_source(source, args.methods, args, have_fb)
-    report = {
-        "benchmark": "topk_speed", "tasks": args.tasks, "layers": args.layers, "fusionbench": have_fb,
-        "workers": WORKERS, "tolerance": linalg.CERTIFIED_TOL,
-        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
-                    "load_after": [round(x, 2) for x in os.getloadavg()]},
-        "results": rows,
-    }
-    print(json.dumps(report, indent=2))
-    table = markdown(report)
-    print("\n" + table)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.md:
-        args.md.write_text(table)
+        run_source(source, args.methods, args, have_fb, on_row=add)
+    final = report(True)
+    print(json.dumps(final, indent=2))
+    print("\n" + markdown(final))
+    save(final)
 
 
 if __name__ == "__main__":

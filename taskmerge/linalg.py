@@ -210,7 +210,7 @@ def certified_top_k(matrix: torch.Tensor, k: int, *, tol: float = CERTIFIED_TOL,
     # eigendecomposition (an eigh's flops run ~3-5× slower than a product's) against, per iteration, the two
     # products 4mnl, the two QRs 4(m + n)l² and the Ritz SVD of the l × l block, counted like the eigh (10l³),
     # the whole iteration weighted _CERTIFIED_ITER_WEIGHT: measured in float64 on 2 cores (m × n × l = 2048² ×
-    # 1024, 5632 × 2048 × 1024, 768² × 192, 3072 × 768 × 192, 2048² × 256), an iteration costs 1.6-2.2× this
+    # 1024, 5632 × 2048 × 1024, 768² × 192, 3072 × 768 × 192, 2048² × 256), an iteration costs 1.6-2.1× this
     # estimate against the exact route's time. So a fall-back costs at most about twice the exact route.
     iteration = 4 * m * n * block + 4 * (m + n) * block**2 + 10 * block**3
     affordable = (2 * m * n * n + 10 * n**3) / (_CERTIFIED_ITER_WEIGHT * iteration)
