@@ -50,8 +50,8 @@ def main(mode: str) -> dict:
         zeros = {k: torch.zeros_like(v) for k, v in tvs[0].items()}
         zero_base_s = round(time.perf_counter() - t0, 3)
         if mode == "ours":
-            merged = merged_task_vector(zeros, tvs, "weight_averaging", {}, workers=1,
-                               policy=TensorPolicy(exclude=(), matrix_exclude=()))
+            policy = TensorPolicy(exclude=(), matrix_exclude=())  # every 2-D tensor a matrix, as merge_speed.py
+            merged = merged_task_vector(zeros, tvs, "weight_averaging", {}, workers=1, policy=policy)
         else:
             # kept, like the engine's result: each output takes fresh pages
             merged = {k: linear_combination(zeros[k], [sd[k] for sd in tvs], divisor=float(len(tvs))) for k in zeros}

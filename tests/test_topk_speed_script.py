@@ -24,7 +24,7 @@ def _task_vectors(source, n_tasks, layers, seed):
     return [{"w": torch.randn(24, 16, generator=gen), "b": torch.randn(16, generator=gen)} for _ in range(n_tasks)]
 
 
-def test_a_fusionbench_linalg_failure_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path) -> None:
+def test_a_fusionbench_linalg_failure_is_recorded_and_the_run_goes_on(monkeypatch) -> None:
     topk = _load()
     calls = []
 
@@ -53,7 +53,7 @@ def test_main_saves_a_partial_report_after_every_row(monkeypatch, tmp_path) -> N
     topk = _load()
     monkeypatch.setattr(topk, "load_source", _task_vectors)
     seen = []
-    real_save_rows = topk.run_source
+    real_run_source = topk.run_source
 
     def spy(*a, **kw):
         inner = kw["on_row"]
@@ -61,7 +61,7 @@ def test_main_saves_a_partial_report_after_every_row(monkeypatch, tmp_path) -> N
         def on_row(row):
             inner(row)
             seen.append(json.loads((tmp_path / "r.json").read_text()))
-        return real_save_rows(*a, **{**kw, "on_row": on_row})
+        return real_run_source(*a, **{**kw, "on_row": on_row})
 
     monkeypatch.setattr(topk, "run_source", spy)
     monkeypatch.setattr("sys.argv", ["topk_speed.py", "--sources", "vit-power", "--methods", "iso_c", "tsv_m",
